@@ -1,0 +1,135 @@
+"""How fast is one candidate evaluation, and how much of it is model forward passes?
+
+On the tiny population (CPU unless -g says otherwise):
+  1. resident host (this toolkit): base model loaded once, each adapter copied into the LoRA slot, batched
+     left-padded generation: seconds per candidate and the share spent inside model.generate / forward;
+  2. the published strategy on the same adapters and prompts: a fresh process per evaluation that imports the
+     libraries, loads the base model and the adapter with from_pretrained, then generates;
+  3. multiple choice scored by one forward pass (mc_scoring=logits) vs by generation.
+Figures are printed; nothing is asserted. Targets: forward share >= 90%, >= 5x faster than the published strategy,
+logits >= 3x faster than generate.
+
+    python benchmarks/bench_evaluate.py [-g cpu] [--published_runs 3] [--candidates 10]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The published evaluation of one candidate, as a standalone process: load everything, then generate.
+PUBLISHED = r"""
+import json, math, sys, time
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, adapter, prompts_file, max_new_tokens, device = sys.argv[1:6]
+torch.set_num_threads(int(sys.argv[6]))
+prompts = json.load(open(prompts_file))
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+model = PeftModel.from_pretrained(model, adapter).to(device).eval()
+tokenizer = AutoTokenizer.from_pretrained(base)
+forward, outputs, batch_size = 0.0, [], 10
+for i in range(math.ceil(len(prompts) / batch_size)):
+    batch = prompts[i * batch_size:(i + 1) * batch_size]
+    enc = tokenizer(batch, return_tensors="pt", padding=True).to(device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=int(max_new_tokens), do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+    forward += time.perf_counter() - start
+    outputs += [tokenizer.decode(o[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
+print(json.dumps({"forward": forward, "n": len(outputs)}))
+"""
+
+
+def ensure_inputs(data_dir):
+    """Tiny population and the generated tiny_demo / tiny_mc sets (each built only if missing or stale), copied
+    into data_dir; returns tiny_demo."""
+    for script in (["initial_experts/expert_init.py", "--tiny"], ["data/build.py"], ["data/tiny_demo.py"]):
+        subprocess.run([sys.executable, *script], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    for name in ("tiny_demo", "tiny_mc"):
+        (data_dir / f"{name}.json").write_text((REPO / "data" / "eval" / f"{name}.json").read_text())
+    return json.loads((data_dir / "tiny_demo.json").read_text())
+
+
+def resident(ev, experts, base, device, eval_type, dataset, runs):
+    """Seconds per evaluation and forward share, host already warm."""
+    ev.evaluate(str(experts[0]), eval_type, dataset, device, base)  # loads the base model once (not timed)
+    walls, forwards = [], []
+    for i in range(runs):
+        start = time.perf_counter()
+        ev.evaluate(str(experts[i % len(experts)]), eval_type, dataset, device, base)
+        walls.append(time.perf_counter() - start)
+        forwards.append(ev.last_details()["forward_seconds"])
+    return sum(walls) / runs, sum(forwards) / sum(walls)
+
+
+def published(experts, base, prompts, max_new_tokens, device, runs, threads):
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(prompts, f)
+    walls, forwards = [], []
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    for i in range(runs):
+        start = time.perf_counter()
+        out = subprocess.run([sys.executable, "-c", PUBLISHED, base, str(experts[i % len(experts)]), f.name,
+                              str(max_new_tokens), "cpu" if device == "cpu" else f"cuda:{device}", str(threads)],
+                             check=True, capture_output=True, text=True, env=env)
+        walls.append(time.perf_counter() - start)
+        forwards.append(json.loads(out.stdout.strip().splitlines()[-1])["forward"])
+    os.unlink(f.name)
+    return sum(walls) / runs, sum(forwards) / sum(walls)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("-g", "--gpu", default="cpu", help="'cpu' or a GPU index (default cpu)")
+    parser.add_argument("--candidates", type=int, default=10, help="resident evaluations to time (default 10)")
+    parser.add_argument("--published_runs", type=int, default=3, help="published-strategy processes (default 3)")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                        help="torch threads in both strategies (default $OMP_NUM_THREADS or 1)")
+    args = parser.parse_args()
+    device = args.gpu if args.gpu == "cpu" else int(args.gpu)
+
+    import torch
+    import evaluate as ev
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        demo = ensure_inputs(data_dir)
+        tiny = REPO / "initial_experts" / "tiny"
+        base = str(tiny / "base_model")
+        experts = sorted(p for p in (tiny / "experts").iterdir() if (p / "adapter_config.json").is_file())
+        ev.configure(data_dir=str(data_dir))
+        n = len(demo["dev"])
+        print(f"tiny population: {len(experts)} experts; exact_match tiny_demo dev ({n} items); device {device}; "
+              f"{args.threads} torch thread(s)")
+
+        sec, share = resident(ev, experts, base, device, "exact_match", "tiny_demo", args.candidates)
+        print(f"resident host     : {sec:7.3f} s/candidate   forward share {share:6.1%}")
+        tokenizer = ev.get_host(base, device).tokenizer
+        budget = ev.exact_match_budget(tokenizer, [x["answer"] for x in demo["dev"]], "first_token")
+        psec, pshare = published(experts, base, [x["question"] for x in demo["dev"]], budget, device,
+                                 args.published_runs, args.threads)
+        print(f"published strategy: {psec:7.3f} s/candidate   forward share {pshare:6.1%}   "
+              f"(fresh process + from_pretrained per evaluation)")
+        print(f"speed-up          : {psec / sec:7.1f}x   (target >= 5x; forward share target >= 90%)")
+
+        ev.configure(mc_scoring="generate")
+        gsec, gshare = resident(ev, experts, base, device, "multiple_choice", "tiny_mc", args.candidates)
+        ev.configure(mc_scoring="logits")
+        lsec, lshare = resident(ev, experts, base, device, "multiple_choice", "tiny_mc", args.candidates)
+        print(f"multiple choice tiny_mc dev: generate {gsec:.3f} s/candidate, logits {lsec:.3f} s/candidate "
+              f"-> {gsec / lsec:.1f}x (target >= 3x); forward share {gshare:.1%} / {lshare:.1%}")
+
+
+if __name__ == "__main__":
+    main()

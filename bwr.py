@@ -1,0 +1,191 @@
+"""The Best-Worst-Random (BWR) update rule for searching over adapter merges.
+
+BWR (R. V. Rao's Best-Worst-Random algorithm) is a population-based, parameter-free search:
+
+1. Initialize a population of candidate models.
+2. Evaluate each candidate and identify the best and the worst.
+3. For each iteration, for each candidate:
+     draw r1, r2, r3, r4 ~ U(0, 1), T from {1, 2}, and another candidate `random`;
+     if r4 > 0.5:  new = current + r1 * (best - T * random) - r2 * (worst - random)
+     otherwise:    reset the candidate: new = random * r3
+   then evaluate all candidates and update the best and the worst.
+4. Return the best model found.
+
+Here the rule acts in weight space with a step length s scaling the move:
+
+    new = current + s * (r1 * (best - T * random) - r2 * (worst - random))
+
+Models are never built by the rule itself: ``bwr_update`` returns the update as a coefficient
+vector over the population members (new = sum_j c_j * member_j, coefficients adding where
+indices coincide, e.g. current == best), and ``apply_update`` turns it into a state dict with a
+merge method from merge.py. Two reset modes exist:
+
+  scaled_random (default)  new = r3 * random   (coefficient r3 on the random member)
+  bounds                   Rao's original reset: every entry drawn uniformly between the
+                           population's element-wise min and max
+
+Draw order per ``bwr_update`` call (fixed; a resumed run replays it bit for bit), all from the
+given numpy Generator, always all of them whatever the branch taken:
+  1. r1, r2, r3, r4 = rng.random(4)
+  2. T              = rng.integers(1, 3)                 (1 or 2)
+  3. k              = rng.integers(0, population_size-1) -> random = k if k < index else k + 1
+                      (uniform over the other members, never the candidate itself)
+  4. seed           = rng.integers(0, 2**63 - 1)         (bounds reset draw, DARE drop masks)
+
+This module is pure: no I/O, all randomness from the numpy Generator passed in (and torch
+Generators seeded from it).
+"""
+
+import math
+import numbers
+
+import numpy as np
+import torch
+
+from merge import check_states, derive_seed, merge_state_dicts
+
+RESET_MODES = ("scaled_random", "bounds")
+
+
+def make_rng(seed):
+    """A numpy Generator (PCG64) for the search."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return np.random.Generator(np.random.PCG64(int(seed)))
+
+
+def rng_state(rng):
+    """Exact, JSON-serialisable state of ``rng`` (its bit generator's state)."""
+    return _plain(rng.bit_generator.state)
+
+
+def _plain(obj):
+    # bit_generator.state may hold numpy integers/arrays (e.g. MT19937's key); JSON needs builtins
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def rng_from_state(state):
+    """A Generator that continues exactly where the one ``rng_state`` was taken from left off."""
+    if not isinstance(state, dict) or "bit_generator" not in state:
+        raise ValueError("rng state must be a dict from rng_state() with a 'bit_generator' entry")
+    name = state["bit_generator"]
+    cls = getattr(np.random, str(name), None)
+    if not (isinstance(cls, type) and issubclass(cls, np.random.BitGenerator)):
+        raise ValueError(f"unknown bit generator {name!r} in rng state")
+    bitgen = cls()
+    if isinstance(bitgen, np.random.MT19937) and isinstance(state.get("state", {}).get("key"), list):
+        state = dict(state, state=dict(state["state"], key=np.asarray(state["state"]["key"], dtype=np.uint32)))
+    bitgen.state = state
+    return np.random.Generator(bitgen)
+
+
+def _member(name, value, n):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < n:
+        raise ValueError(f"{name} must be a member index in 0..{n - 1}, got {value!r}")
+    return int(value)
+
+
+def bwr_update(index, best, worst, population_size, step_length, rng, reset_mode="scaled_random"):
+    """One BWR move for candidate ``index``, as data (see the module docstring for the draws).
+
+    Returns {"kind": "combine", "weights": [c_0 .. c_{n-1}], "random": j, "seed": s}
+         or {"kind": "bounds", "seed": s, "random": j}.
+    For "combine", new = sum_j c_j * member_j. With the update branch (r4 > 0.5):
+      c[index] += 1, c[best] += s*r1, c[random] += s*(r2 - T*r1), c[worst] -= s*r2
+    and with the scaled_random reset: c[random] = r3.
+    "seed" seeds any randomness of applying the update (DARE drop masks, bounds draw);
+    "random" is the member drawn as `random`, kept for logs.
+    """
+    if isinstance(population_size, bool) or not isinstance(population_size, numbers.Integral) or population_size < 2:
+        raise ValueError(f"population_size must be an integer >= 2 (BWR needs another member), got {population_size!r}")
+    n = int(population_size)
+    index, best, worst = _member("index", index, n), _member("best", best, n), _member("worst", worst, n)
+    if isinstance(step_length, bool) or not isinstance(step_length, numbers.Real) or not math.isfinite(step_length):
+        raise ValueError(f"step_length must be a finite number, got {step_length!r}")
+    if reset_mode not in RESET_MODES:
+        raise ValueError(f"unknown reset_mode {reset_mode!r}; choose one of {', '.join(RESET_MODES)}")
+    step = float(step_length)
+
+    r1, r2, r3, r4 = (float(x) for x in rng.random(4))
+    T = int(rng.integers(1, 3))
+    k = int(rng.integers(0, n - 1))
+    rand = k if k < index else k + 1
+    seed = int(rng.integers(0, 2**63 - 1))
+
+    if r4 > 0.5:
+        c = [0.0] * n
+        c[index] += 1.0
+        c[best] += step * r1
+        c[rand] += step * (r2 - T * r1)
+        c[worst] -= step * r2
+        return {"kind": "combine", "weights": c, "random": rand, "seed": seed}
+    if reset_mode == "bounds":
+        return {"kind": "bounds", "seed": seed, "random": rand}
+    c = [0.0] * n
+    c[rand] = r3
+    return {"kind": "combine", "weights": c, "random": rand, "seed": seed}
+
+
+def _bounds_draw(states, seed, names=None):
+    """Every entry uniform in [min_j member_j, max_j member_j], per tensor seeded from ``seed``."""
+    check_states(states, names)
+    out = {}
+    for key, t0 in states[0].items():
+        if not t0.is_floating_point():
+            if any(not torch.equal(s[key].to(t0.device), t0) for s in states[1:]):
+                raise ValueError(f"non-float tensor {key!r} differs between population members; "
+                                 f"it has no element-wise bounds to draw from")
+            out[key] = t0.clone()
+            continue
+        lo = t0.to(torch.float32, copy=True)
+        hi = lo.clone()
+        for s in states[1:]:
+            t = s[key].to(device=t0.device, dtype=torch.float32)
+            torch.minimum(lo, t, out=lo)
+            torch.maximum(hi, t, out=hi)
+        # CPU generator: the same seed gives the same model whatever device merges it
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, key))
+        u = torch.rand(t0.shape, generator=gen).to(t0.device)
+        out[key] = hi.sub_(lo).mul_(u).add_(lo).to(t0.dtype)
+    return out
+
+
+def apply_update(update, states, method="weighted_average", params=None, names=None):
+    """Build the state dict an update from ``bwr_update`` describes.
+
+    states are the population members in order (coefficient j applies to states[j]; a
+    base_model_idx in params also indexes this list). "combine" merges with ``method``;
+    "bounds" ignores method and draws element-wise between the members' min and max.
+    """
+    if not isinstance(update, dict) or update.get("kind") not in ("combine", "bounds"):
+        raise ValueError(f"update must be a dict from bwr_update() with kind 'combine' or 'bounds', got {update!r}")
+    seed = update.get("seed", 0)
+    if update["kind"] == "bounds":
+        return _bounds_draw(states, seed, names)
+    return merge_state_dicts(states, update["weights"], method, params, names=names, seed=seed)
+
+
+def accept(old_utility, new_utility, greedy):
+    """Whether a candidate moves to its new model.
+
+    greedy: only if new >= old. Not greedy: always. A NaN new utility is never accepted; a NaN
+    old one (a broken candidate) is replaced by any non-NaN new one.
+    """
+    new, old = float(new_utility), float(old_utility)
+    if math.isnan(new):
+        return False
+    if not greedy or math.isnan(old):
+        return True
+    return new >= old
+
+
+def crossover(rng):
+    """Weights (w, 1 - w) with w ~ U[0, 2] for mixing two experts into an initial one."""
+    w = float(rng.uniform(0.0, 2.0))
+    return w, 1.0 - w

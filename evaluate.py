@@ -1,0 +1,1220 @@
+"""Evaluation: (candidate, eval type, dataset) -> one scalar utility, higher is better.
+
+The base model stays resident: `get_host(base_model, gpu_id)` loads it once per (base model, device, dtype) and
+every candidate is swapped into it in place. A candidate (`model_path`) is one of
+
+    - a peft adapter folder (adapter_model.safetensors + adapter_config.json),
+    - an in-memory adapter: a state dict with peft's saved tensor names, or a (state dict, adapter config) pair
+      (a bare state dict reuses the LoRA layout of the adapter loaded before it, so the first in-memory candidate
+      of a process must come with its config),
+    - a full-model folder (--fast_merge 0): its safetensors are copied into the resident model's tensors,
+    - None: the base model itself.
+
+`evaluate()` scores the dev split and `evaluate_test()` the test split. They are kept separate on purpose, so a
+test-time protocol can differ from the one that drives the search.
+
+Adding your evaluation
+----------------------
+Both `evaluate()` and `evaluate_test()` are a chain of `if eval_type == ...` branches. Add your own branch to both,
+e.g. to score the fraction of outputs that mention the gold keyword:
+
+    elif eval_type == "my_eval":
+        items = json.load(open(os.path.join(OPTIONS["data_dir"], dataset + ".json")))["dev"]   # "test" in evaluate_test
+        outputs = batch_generate(model, tokenizer, [item["question"] for item in items], max_new_tokens=20)
+        scores = [float(item["answer"] in output) for item, output in zip(items, outputs)]
+        record(golds=[item["answer"] for item in items], preds=outputs, scores=scores)
+        utility = sum(scores) / len(scores)
+
+`model` and `tokenizer` are already set up for the candidate when the branches run. Use `batch_generate()` for plain
+prompts and `batch_generate_chat_template()` for chat-style ones; `record()` keeps per-item results for
+`last_details()` and the golds_preds_{dev,test}.json files. A dataset in one of the validated item formats
+(data/schema.py) can be read with `load_data(dataset, "exact_match")` (or the built-in eval type whose items it
+has) instead of json.load; that validates it once and caches it for the process.
+
+Options are set once per process with `configure(...)` (the search's workers do it from the CLI flags).
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import re
+import threading
+import time
+from contextlib import contextmanager
+
+import torch
+
+from data.schema import DataError, load_eval_data
+
+log = logging.getLogger("bwr.evaluate")
+
+
+class EvalError(ValueError):
+    """A bad option, candidate, device, dataset or missing credential; the message is one actionable line."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options
+
+DEFAULT_REWARD_MODEL = "internlm/internlm2-7b-reward"
+DEFAULT_JUDGE_MODEL = "gemini-1.5-flash"
+RM_EVAL_TYPES = ("rm_default", "rm_verbose", "rm_concise")
+
+_DEFAULT_OPTIONS = {
+    "batch_size": None,            # None: 16 on a GPU (sized for a 7B model), 32 on CPU
+    "mc_scoring": "generate",      # or "logits": one forward pass, best option letter by next-token log-prob
+    "reward_model": DEFAULT_REWARD_MODEL,
+    "trust_remote_code": False,
+    "judge_model": DEFAULT_JUDGE_MODEL,
+    "dtype": None,                 # None: bf16 on GPUs that support it, else fp16; fp32 on CPU
+    "data_dir": "data/eval",
+    "max_new_tokens": None,        # None: per-objective defaults (MAX_NEW_TOKENS, derived for exact match)
+    "perspective_qps": 1.0,        # Perspective API's default quota is 1 query per second
+    "judge_qps": 2.0,
+    "api_retries": 6,              # attempts after the first on HTTP 429/5xx and connection errors
+    "api_backoff_s": 1.0,          # first retry delay; doubles each time (with jitter)
+}
+OPTIONS = dict(_DEFAULT_OPTIONS)
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+# Generation budgets per objective. Exact match derives its own from the gold answers unless listed here.
+MAX_NEW_TOKENS = {"multiple_choice": 10, "AbstainQA": 10, "abstain_reflection": 10, "external_api": 20,
+                  "rm": 200, "human": 512, "last_number": 200}
+
+# Network boundary, replaceable in tests: the httplib2-like object handed to googleapiclient's build(http=...),
+# and the factory that returns a Gemini client object with generate_content(prompt, generation_config=...).
+PERSPECTIVE_HTTP = None
+JUDGE_MODEL_FACTORY = None
+
+
+def configure(**options):
+    """Set per-process options; options not passed keep their current value. `configure(reset=True)` restores
+    every default first. Options: batch_size, mc_scoring, reward_model, trust_remote_code, judge_model, dtype,
+    data_dir, max_new_tokens, perspective_qps, judge_qps, api_retries, api_backoff_s."""
+    if options.pop("reset", False):
+        OPTIONS.clear()
+        OPTIONS.update(_DEFAULT_OPTIONS)
+    unknown = sorted(set(options) - set(_DEFAULT_OPTIONS))
+    if unknown:
+        raise EvalError(f"unknown evaluate option(s) {unknown}; choose from {sorted(_DEFAULT_OPTIONS)}")
+    checks = {
+        "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
+        "mc_scoring": (lambda v: v in ("generate", "logits"), "'generate' or 'logits'"),
+        "reward_model": (lambda v: isinstance(v, str) and v, "a model name or folder"),
+        "trust_remote_code": (lambda v: isinstance(v, bool), "True or False"),
+        "judge_model": (lambda v: isinstance(v, str) and v, "a Gemini model name"),
+        "dtype": (lambda v: v is None or v in _DTYPES, f"None or one of {sorted(_DTYPES)}"),
+        "data_dir": (lambda v: isinstance(v, (str, os.PathLike)), "a folder path"),
+        "max_new_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
+        "perspective_qps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "judge_qps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "api_retries": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+        "api_backoff_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    }
+    for name, value in options.items():
+        ok, expect = checks[name]
+        if not ok(value):
+            raise EvalError(f"evaluate option {name}={value!r} is invalid: expected {expect}")
+    if "data_dir" in options and os.fspath(options["data_dir"]) != os.fspath(OPTIONS["data_dir"]):
+        _DATA_CACHE.clear()
+    OPTIONS.update(options)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Devices and dtypes
+
+def resolve_device(gpu_id):
+    """gpu_id int (or digit string) -> cuda:N, "cpu" -> CPU. A GPU that is not visible is an error, never a fallback."""
+    if isinstance(gpu_id, torch.device):
+        gpu_id = "cpu" if gpu_id.type == "cpu" else gpu_id.index or 0
+    if isinstance(gpu_id, str) and gpu_id.strip().lower() == "cpu":
+        return torch.device("cpu")
+    if isinstance(gpu_id, str) and gpu_id.strip().isdigit():
+        gpu_id = int(gpu_id)
+    if not _is_int(gpu_id) or gpu_id < 0:
+        raise EvalError(f"gpu_id must be a GPU index (0, 1, ...) or 'cpu', got {gpu_id!r}")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise EvalError(f"GPU {gpu_id} requested but no CUDA GPU visible; use -g cpu")
+    if gpu_id >= count:
+        raise EvalError(f"GPU {gpu_id} requested but only {','.join(map(str, range(count)))} visible")
+    return torch.device(f"cuda:{gpu_id}")
+
+
+def resolve_dtype(device):
+    if OPTIONS["dtype"] is not None:
+        return _DTYPES[OPTIONS["dtype"]]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timing shared by every call: how much of an evaluation is model forward passes vs everything else
+
+_STATE = {"forward_seconds": 0.0, "swap_seconds": 0.0}
+_LAST_DETAILS = {}
+
+
+@contextmanager
+def forward_timer(device):
+    """Adds the wall time of the enclosed model call to the current evaluation's forward_seconds."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # kernels are asynchronous; count them where they run
+        _STATE["forward_seconds"] += time.perf_counter() - start
+
+
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The resident model
+
+class ModelHost:
+    """One base model on one device, with a LoRA slot that candidates are copied into.
+
+    Adapters are written into the existing LoRA parameters in place; a candidate with another rank, target set or
+    scaling rebuilds the slot. Full-model candidates are copied into the base tensors; a CPU copy of the base
+    weights is taken the first time that happens so later adapter candidates start from the true base again.
+    """
+
+    def __init__(self, base_model, device, dtype):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.base_name, self.device, self.dtype = base_model, device, dtype
+        trust = OPTIONS["trust_remote_code"]
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust)
+            model = AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust)
+        except OSError as e:
+            raise EvalError(f"cannot load base model {base_model!r}: {_first_line(e)}") from None
+        except ValueError as e:
+            if "trust_remote_code" in str(e):
+                raise EvalError(f"base model {base_model!r} needs custom code; pass --trust_remote_code") from None
+            raise
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.base = model.to(device).eval()
+        self.peft = None              # PeftModel wrapping self.base once an adapter was loaded
+        self.slot = None              # peft saved name -> tensor sharing storage with the LoRA parameter
+        self.slot_signature = None
+        self.base_backup = None       # CPU copy of the base weights, only once a full model was loaded
+        self.base_dirty = False       # resident weights are a full-model candidate's, not the base model's
+        self.full_loaded = None       # identity of the full-model candidate currently in the base tensors
+        self.batch_cap = None         # learnt after a CUDA OOM so later calls do not hit it again
+
+    @property
+    def model(self):
+        return self.peft if self.peft is not None else self.base
+
+    # -- candidates
+    def load(self, candidate):
+        """Put a candidate into the resident model; returns the model to run."""
+        start = time.perf_counter()
+        try:
+            if candidate is None:
+                self._restore_base()
+                self._set_adapter_enabled(False)
+            elif isinstance(candidate, dict):
+                self._load_adapter(candidate, None, "in-memory adapter")
+            elif isinstance(candidate, (tuple, list)) and len(candidate) == 2 and isinstance(candidate[0], dict):
+                self._load_adapter(candidate[0], candidate[1], "in-memory adapter")
+            elif isinstance(candidate, (str, os.PathLike)):
+                path = os.fspath(candidate)
+                if os.path.isfile(os.path.join(path, "adapter_config.json")):
+                    state, config = _read_adapter_folder(path)
+                    self._load_adapter(state, config, path)
+                elif os.path.isdir(path):
+                    self._load_full_model(path)
+                else:
+                    raise EvalError(f"candidate {path!r} not found (expected an adapter or full-model folder)")
+            else:
+                raise EvalError(f"model_path must be a folder, an adapter state dict or (state, config), "
+                                f"got {type(candidate).__name__}")
+        finally:
+            _STATE["swap_seconds"] += time.perf_counter() - start
+        return self.model
+
+    def _load_adapter(self, state, config, label):
+        from peft import LoraConfig
+        if config is not None and not isinstance(config, LoraConfig):
+            config = _lora_config(config, label)
+        if config is None and self.slot is None:
+            raise EvalError(f"{label}: no LoRA slot built yet in this process to take a bare state dict; "
+                            f"pass (state, adapter_config) so the slot can be built")
+        signature = _adapter_signature(state, config if config is not None else self._slot_config())
+        if signature != self.slot_signature:
+            if config is None:
+                raise EvalError(f"{label}: its tensors do not fit the resident LoRA slot (other rank or targets); "
+                                f"pass (state, adapter_config) so the slot can be rebuilt")
+            self._build_slot(config, label)
+            if signature != self.slot_signature:
+                missing = sorted(set(self.slot) - set(state))[:2]
+                extra = sorted(set(state) - set(self.slot))[:2]
+                raise EvalError(f"{label}: tensors do not match its adapter_config on base model {self.base_name!r}"
+                                f" (missing {missing}, unexpected {extra})")
+        self._restore_base()
+        with torch.no_grad():
+            for name, target in self.slot.items():
+                target.copy_(state[name])
+        self._set_adapter_enabled(True)
+
+    def _slot_config(self):
+        return self.peft.peft_config["default"] if self.peft is not None else None
+
+    def _build_slot(self, config, label):
+        from peft import get_peft_model
+        from peft.utils import get_peft_model_state_dict
+        if self.peft is not None:
+            self.base = self.peft.unload()  # drops the LoRA layers, base weights untouched
+            self.peft = None
+        try:
+            self.peft = get_peft_model(self.base, config).eval()
+        except ValueError as e:
+            raise EvalError(f"{label}: cannot apply its LoRA config to {self.base_name!r}: {_first_line(e)}") from None
+        # state_dict() tensors share storage with the parameters, so copying into them updates the model
+        self.slot = get_peft_model_state_dict(self.peft)
+        self.slot_signature = _adapter_signature(self.slot, config)
+
+    def _set_adapter_enabled(self, enabled):
+        if self.peft is not None:
+            if enabled:
+                self.peft.base_model.enable_adapter_layers()
+            else:
+                self.peft.base_model.disable_adapter_layers()
+
+    def _base_tensors(self):
+        """Base-model tensor name (as a full-model checkpoint spells it) -> resident tensor."""
+        model = self.peft.base_model.model if self.peft is not None else self.base
+        tensors = {}
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            if ".lora_" in name or "lora_magnitude_vector" in name:
+                continue
+            tensors[name.replace(".base_layer.", ".")] = tensor
+        return tensors
+
+    def _restore_base(self):
+        if not self.base_dirty:
+            return
+        with torch.no_grad():
+            for name, tensor in self._base_tensors().items():
+                tensor.copy_(self.base_backup[name])
+        self.base_dirty = False
+        self.full_loaded = None
+
+    def _load_full_model(self, path):
+        from safetensors import safe_open
+        files = _full_model_files(path)
+        identity = tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in files)
+        if identity == self.full_loaded:
+            self._set_adapter_enabled(False)
+            return
+        tensors = self._base_tensors()
+        if self.base_backup is None:
+            self.base_backup = {name: t.detach().to("cpu", copy=True) for name, t in tensors.items()}
+        covered = set()
+        self.base_dirty = True  # from the first copied tensor on, the resident weights are no longer the base's
+        self.full_loaded = None
+        with torch.no_grad():
+            for file in files:
+                with safe_open(file, framework="pt", device="cpu") as f:  # one shard in memory at a time
+                    for name in f.keys():
+                        if name not in tensors:
+                            raise EvalError(f"full model {path!r}: tensor {name!r} is not in base model "
+                                            f"{self.base_name!r}; is it the same architecture?")
+                        value = f.get_tensor(name)
+                        if tuple(value.shape) != tuple(tensors[name].shape):
+                            raise EvalError(f"full model {path!r}: tensor {name!r} has shape {tuple(value.shape)},"
+                                            f" base model has {tuple(tensors[name].shape)}")
+                        tensors[name].copy_(value)
+                        covered.add(tensors[name].data_ptr())
+        # tied weights (e.g. lm_head = embed_tokens) are stored once; any other gap would keep stale weights
+        missing = [n for n, t in tensors.items() if t.data_ptr() not in covered]
+        if missing:
+            raise EvalError(f"full model {path!r} lacks {len(missing)} base tensor(s), e.g. {missing[0]!r}")
+        self.full_loaded = identity
+        self._set_adapter_enabled(False)
+
+
+_HOSTS = {}
+
+
+def get_host(base_model, gpu_id):
+    """The resident model for (base model, device, dtype); loaded on first use, then reused."""
+    device = resolve_device(gpu_id)
+    dtype = resolve_dtype(device)
+    key = (os.path.abspath(base_model) if os.path.isdir(os.fspath(base_model)) else base_model, str(device), dtype)
+    if key not in _HOSTS:
+        _HOSTS[key] = ModelHost(os.fspath(base_model), device, dtype)
+    return _HOSTS[key]
+
+
+def _first_line(e):
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _read_adapter_folder(path):
+    from safetensors.torch import load_file
+    weights = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.isfile(weights):
+        raise EvalError(f"adapter {path!r} has no adapter_model.safetensors (safetensors weights are required)")
+    try:
+        with open(os.path.join(path, "adapter_config.json")) as f:
+            config = json.load(f)
+        return load_file(weights, device="cpu"), config
+    except (OSError, ValueError) as e:
+        raise EvalError(f"adapter {path!r} cannot be read: {_first_line(e)}") from None
+
+
+def _lora_config(config, label):
+    import dataclasses
+    from peft import LoraConfig
+    if not isinstance(config, dict):
+        raise EvalError(f"{label}: adapter config must be a dict or LoraConfig, got {type(config).__name__}")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise EvalError(f"{label}: only LoRA adapters are supported, got peft_type {config.get('peft_type')!r}")
+    names = {f.name for f in dataclasses.fields(LoraConfig)}
+    try:
+        return LoraConfig(**{k: v for k, v in config.items() if k in names and k != "peft_type"})
+    except (TypeError, ValueError) as e:
+        raise EvalError(f"{label}: invalid adapter config: {_first_line(e)}") from None
+
+
+def _adapter_signature(state, config):
+    """What decides whether a state fits the LoRA slot as built: tensor names and shapes, and the scaling."""
+    if config is None:
+        return None
+    shapes = tuple(sorted((k, tuple(v.shape)) for k, v in state.items()))
+    return shapes, (config.r, config.lora_alpha, bool(config.use_rslora), bool(getattr(config, "use_dora", False)),
+                    json.dumps(config.rank_pattern or {}, sort_keys=True),
+                    json.dumps(config.alpha_pattern or {}, sort_keys=True))
+
+
+def _full_model_files(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise EvalError(f"full model {path!r}: unreadable model.safetensors.index.json: {_first_line(e)}") from None
+        files = [os.path.join(path, s) for s in shards]
+        absent = [f for f in files if not os.path.isfile(f)]
+        if absent:
+            raise EvalError(f"full model {path!r}: shard {os.path.basename(absent[0])} is missing")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if any(n.endswith(".bin") for n in os.listdir(path)):
+        raise EvalError(f"full model {path!r} has only .bin weights; save it with safe_serialization=True")
+    raise EvalError(f"{path!r} is neither an adapter (adapter_config.json) nor a full model (model.safetensors)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generation helpers (every objective gets its model output from these two)
+
+_ENCODED = {}
+
+
+def encode(tokenizer, texts, add_special_tokens=True):
+    """Token ids of each text. The same prompts come back for every candidate of a search, so the last few lists
+    are kept (tokenizing is the largest cost outside the model on small models)."""
+    key = (id(tokenizer), add_special_tokens, tuple(texts))
+    if key not in _ENCODED:
+        if len(_ENCODED) >= 16:
+            del _ENCODED[next(iter(_ENCODED))]
+        _ENCODED[key] = tokenizer(list(texts), add_special_tokens=add_special_tokens).input_ids if texts else []
+    return _ENCODED[key]
+
+
+def batch_generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=None):
+    """Greedy continuations of plain prompts, stripped, in the order of `prompts`."""
+    return _generate(model, tokenizer, encode(tokenizer, prompts), max_new_tokens, batch_size)
+
+
+def batch_generate_chat_template(model, tokenizer, prompts, max_new_tokens=512, batch_size=None):
+    """Greedy replies to prompts sent as one user turn through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise EvalError("this objective needs a chat model, but the base model's tokenizer has no chat_template")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    # the template already holds the BOS token
+    return _generate(model, tokenizer, encode(tokenizer, texts, add_special_tokens=False), max_new_tokens, batch_size)
+
+
+def _batch_size(requested, device):
+    size = requested or OPTIONS["batch_size"] or (16 if device.type == "cuda" else 32)
+    host_cap = _OOM_CAP.get(str(device))
+    return min(size, host_cap) if host_cap else size
+
+
+_OOM_CAP = {}
+
+
+def _in_batches(model, count, order, batch_size, run):
+    """Runs run(indices) over `order` in chunks; on CUDA OOM halves the chunk and retries (remembered per device)."""
+    device = _model_device(model)
+    size = _batch_size(batch_size, device)
+    start = 0
+    while start < count:
+        chunk = order[start:start + size]
+        try:
+            run(chunk)
+        except torch.OutOfMemoryError:
+            if size == 1:
+                raise EvalError(f"CUDA out of memory on {device} even at batch size 1; use a smaller model, "
+                                f"fewer tokens (max_new_tokens) or another GPU") from None
+            size = max(1, size // 2)
+            _OOM_CAP[str(device)] = size
+            torch.cuda.empty_cache()
+            log.warning("CUDA out of memory on %s: batch size lowered to %d", device, size)
+            continue
+        start += len(chunk)
+
+
+def _left_pad(rows, pad_id, device):
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        if row:
+            input_ids[j, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[j, width - len(row):] = 1
+    return input_ids.to(device), mask.to(device)
+
+
+def _generate(model, tokenizer, ids, max_new_tokens, batch_size):
+    from transformers import GenerationConfig
+    if not ids:
+        return []
+    device = _model_device(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
+        else tokenizer.eos_token_id
+    config = GenerationConfig(max_new_tokens=int(max_new_tokens), do_sample=False, num_beams=1,
+                              pad_token_id=pad_id, eos_token_id=eos, bos_token_id=tokenizer.bos_token_id)
+    outputs = [None] * len(ids)
+    # longest first: similar lengths share a batch (less padding), and an OOM shows up on the first batch
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+
+    def run(chunk):
+        input_ids, mask = _left_pad([ids[i] for i in chunk], pad_id, device)
+        with torch.inference_mode(), forward_timer(device):
+            generated = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+        new_tokens = generated[:, input_ids.shape[1]:].tolist()
+        for i, tokens in zip(chunk, new_tokens):
+            outputs[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+    _in_batches(model, len(ids), order, batch_size, run)
+    return outputs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multiple choice
+
+# instruction line per dataset; knowledge_crosswords questions carry their own instruction (and an ICL example)
+MC_INSTRUCTIONS = {"knowledge_crosswords": "",
+                   "hellaswag": "Please choose an option that best completes the sentence."}
+MC_DEFAULT_INSTRUCTION = "Please choose an option that best answers the question."
+
+
+def multiple_choice_prompt(item, dataset, icl_prompt=None):
+    """Instruction, "Question: ...", one "X: option" line per choice, and the cue "The answer is"."""
+    instruction = MC_INSTRUCTIONS.get(dataset, MC_DEFAULT_INSTRUCTION)
+    lines = ([instruction] if instruction else []) + ["Question: " + item["question"]]
+    lines += [f"{key}: {text}" for key, text in item["choices"].items()]
+    prompt = "\n".join(lines) + "\nThe answer is"
+    return icl_prompt + "\n" + prompt if icl_prompt else prompt
+
+
+def parse_choice(choices, output):
+    """The option key a generation picks, or None.
+
+    In order: a key at the very start ("B", " (B)", "B: ..."), "answer is X" anywhere, a key in the last five
+    characters, then an option's text appearing in the output (longest option first, case-insensitive).
+    """
+    text = output.strip()
+    keys = "|".join(re.escape(k) for k in sorted(choices, key=len, reverse=True))
+    key = rf"(?<![A-Za-z0-9])({keys})(?![A-Za-z0-9])"
+    for pattern in (r"^[\s(\[\"'*:]*" + key, r"(?i:answer is)[\s:(\[\"'*]*" + key):
+        m = re.search(pattern, text)
+        if m:
+            return m.group(1)
+    tail = list(re.finditer(key, text[-5:]))
+    if tail:
+        return tail[-1].group(1)
+    lowered = text.lower()
+    for k, option in sorted(choices.items(), key=lambda kv: -len(str(kv[1]))):
+        if str(option).strip() and str(option).strip().lower() in lowered:
+            return k
+    return None
+
+
+def mc_generate(model, tokenizer, items, dataset, icl_prompt=None):
+    prompts = [multiple_choice_prompt(item, dataset, icl_prompt) for item in items]
+    outputs = batch_generate(model, tokenizer, prompts, max_new_tokens=_budget("multiple_choice"))
+    return [parse_choice(item["choices"], out) for item, out in zip(items, outputs)], outputs
+
+
+def mc_logits(model, tokenizer, items, dataset, icl_prompt=None, batch_size=None):
+    """Option picked by log-probability of " <key>" after the prompt, as lm-evaluation-harness scores MC.
+
+    When the keys' tokenizations differ only in their last token (the usual case: " A", " B", ... after a shared
+    prefix), one row per item is enough: the shared part is the context and the keys are compared by next-token
+    log-prob. Otherwise each key gets its own row and the summed log-prob of its tokens decides.
+    """
+    device = _model_device(model)
+    rows, specs = [], []  # specs: (item index, key, row index, targets [(position from the end, token id)])
+    texts = [multiple_choice_prompt(item, dataset, icl_prompt) + " " + k for item in items for k in item["choices"]]
+    encoded = iter(encode(tokenizer, texts))
+    for index, item in enumerate(items):
+        keys = list(item["choices"])
+        full = [next(encoded) for _ in keys]
+        shared = _common_prefix(full)
+        tails = [f[shared:] for f in full]
+        if all(len(t) == 1 for t in tails) and len({t[0] for t in tails}) == len(tails):
+            rows.append(full[0][:shared])
+            specs += [(index, k, len(rows) - 1, [(1, t[0])]) for k, t in zip(keys, tails)]
+        else:
+            for k, row, tail in zip(keys, full, tails):
+                rows.append(row[:-1])
+                # token tail[j] is predicted at the position len(row) - len(tail) + j - 1 of the full row,
+                # i.e. len(tail) - j positions from the end of the row without its last token
+                specs.append((index, k, len(rows) - 1, [(len(tail) - j, tok) for j, tok in enumerate(tail)]))
+    need = {}
+    for _, _, r, targets in specs:
+        need[r] = max(need.get(r, 1), max(p for p, _ in targets))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    row_logprobs = [None] * len(rows)
+
+    def run(chunk):
+        input_ids, mask = _left_pad([rows[r] for r in chunk], pad_id, device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift the real tokens' positions
+        keep = max(need[r] for r in chunk)
+        with torch.inference_mode(), forward_timer(device):
+            logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           logits_to_keep=keep).logits
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+        for j, r in enumerate(chunk):
+            row_logprobs[r] = logprobs[j]
+
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+    _in_batches(model, len(rows), order, batch_size, run)
+    best = {}
+    for index, key, r, targets in specs:
+        lp = row_logprobs[r]
+        score = sum(lp[lp.shape[0] - p, tok].item() for p, tok in targets)
+        if index not in best or score > best[index][1]:
+            best[index] = (key, score)
+    preds = [best[i][0] for i in range(len(items))]
+    return preds, [f" {p}" for p in preds]
+
+
+def _common_prefix(seqs):
+    n = 0
+    for column in zip(*seqs):
+        if len(set(column)) != 1:
+            break
+        n += 1
+    return n
+
+
+def score_multiple_choice(model, tokenizer, data, dataset):
+    items, icl = data["items"], data.get("icl_prompt")
+    if OPTIONS["mc_scoring"] == "logits":
+        preds, outputs = mc_logits(model, tokenizer, items, dataset, icl)
+    else:
+        preds, outputs = mc_generate(model, tokenizer, items, dataset, icl)
+    golds = [item["answer"] for item in items]
+    scores = [float(p == g) for p, g in zip(preds, golds)]
+    record(golds=golds, preds=preds, scores=scores, outputs=outputs)
+    return _mean(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exact match
+
+# Which matching rule a dataset uses, by name prefix; anything else uses "first_token".
+EXACT_MATCH_RULES = {"gsm8k": "last_number", "mgsm": "last_number", "nlgraph": "yes_no_or_number"}
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def exact_match_rule(dataset):
+    for prefix, rule in EXACT_MATCH_RULES.items():
+        if dataset.lower().startswith(prefix):
+            return rule
+    return "first_token"
+
+
+def _number(text):
+    try:
+        value = float(text.replace(",", ""))
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def extract_answer(rule, gold, output):
+    """The answer a generation gives under a rule (compared with the gold by exact_match_score):
+
+    first_token       the first len(gold.split()) whitespace-separated tokens of the first line of the stripped
+                      output, trailing .,;:!? removed (the model answers "<answer>" and stops)
+    last_number       the last number in the output (commas dropped), for step-by-step numeric reasoning
+    yes_no_or_number  the first yes/no word (gold yes/no) or the first number (numeric gold)
+    """
+    text = output.strip()
+    if rule == "last_number":
+        numbers = _NUMBER.findall(text)
+        return numbers[-1].replace(",", "") if numbers else None
+    if rule == "yes_no_or_number":
+        if gold.strip().lower() in ("yes", "no"):
+            m = re.search(r"\b(yes|no)\b", text, flags=re.IGNORECASE)
+            return m.group(1).lower() if m else None
+        numbers = _NUMBER.findall(text)
+        return numbers[0].replace(",", "") if numbers else None
+    first_line = text.split("\n", 1)[0].split()
+    width = max(1, len(gold.split()))
+    if not first_line:
+        return None
+    return " ".join(first_line[:width]).rstrip(".,;:!?") or None
+
+
+def exact_match_score(rule, gold, pred):
+    if pred is None:
+        return 0.0
+    if rule == "last_number" or (rule == "yes_no_or_number" and gold.strip().lower() not in ("yes", "no")):
+        g, p = _number(gold.strip()), _number(pred)
+        return float(g is not None and p is not None and g == p)
+    if rule == "yes_no_or_number":
+        return float(pred == gold.strip().lower())
+    return float(pred == gold.strip())
+
+
+def exact_match_budget(tokenizer, golds, rule):
+    """Tokens to generate: fixed for reasoning rules, else the longest gold answer's tokens plus a margin for
+    leading spaces/punctuation, so short-answer sets stay cheap."""
+    if OPTIONS["max_new_tokens"] is not None:
+        return OPTIONS["max_new_tokens"]
+    if rule in MAX_NEW_TOKENS:
+        return MAX_NEW_TOKENS[rule]
+    longest = max((len(ids) for ids in encode(tokenizer, [" " + g for g in golds], add_special_tokens=False)),
+                  default=1)
+    return longest + 8
+
+
+def score_exact_match(model, tokenizer, data, dataset):
+    items = data["items"]
+    rule = exact_match_rule(dataset)
+    golds = [str(item["answer"]) for item in items]
+    budget = exact_match_budget(tokenizer, golds, rule)
+    outputs = batch_generate(model, tokenizer, [item["question"] for item in items], max_new_tokens=budget)
+    preds = [extract_answer(rule, g, o) for g, o in zip(golds, outputs)]
+    scores = [exact_match_score(rule, g, p) for g, p in zip(golds, preds)]
+    record(golds=golds, preds=preds, scores=scores, outputs=outputs)
+    return _mean(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multitask domains
+
+def score_multitask(model, tokenizer, domain, split, only_one_or_two):
+    """Harmonic mean of the domain's two dataset accuracies; "one"/"two" optimise (and only evaluate) one of them.
+    Each dataset is scored as multiple choice or exact match, whichever its items are."""
+    if only_one_or_two not in (None, "one", "two"):
+        raise EvalError(f"only_one_or_two must be None, 'one' or 'two', got {only_one_or_two!r}")
+    data = load_data(domain, "multitask")
+    names = list(data["datasets"])
+    picked = names if only_one_or_two is None else [names[0 if only_one_or_two == "one" else 1]]
+    parts, accuracies, merged = {}, [], {"golds": [], "preds": [], "scores": [], "outputs": []}
+    for name in picked:
+        eval_type = data["eval_types"][name]
+        scorer = score_multiple_choice if eval_type == "multiple_choice" else score_exact_match
+        accuracies.append(scorer(model, tokenizer, _split(data["datasets"][name], split), name))
+        for k in merged:
+            merged[k] += _LAST_DETAILS[k]
+        parts[name] = {"eval_type": eval_type, "accuracy": accuracies[-1]}
+    if len(accuracies) == 1:
+        utility = accuracies[0]
+    else:
+        a, b = accuracies
+        utility = 0.0 if a + b == 0 else 2 * a * b / (a + b)
+    record(parts=parts, **merged)
+    return utility
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# AbstainQA
+
+ABSTAIN_REFLECTION = ("\nProposed answer: {answer}\nIs the proposed answer true or false? "
+                      "Directly answer with true or false.")
+
+
+def effective_reliability(correct, abstain):
+    """(answered correctly - answered wrongly) / N, abstentions count zero (https://arxiv.org/abs/2402.00367)."""
+    answered = [c for c, a in zip(correct, abstain) if not a]
+    return (sum(answered) - (len(answered) - sum(answered))) / len(correct) if correct else 0.0
+
+
+def score_abstain(model, tokenizer, data, dataset):
+    """Answer by generation (mc_scoring does not apply: the reflection needs the answer text), then ask the model
+    whether its own answer is true; "false" means it abstains."""
+    items, icl = data["items"], data.get("icl_prompt")
+    prompts = [multiple_choice_prompt(item, dataset, icl) for item in items]
+    outputs = batch_generate(model, tokenizer, prompts, max_new_tokens=_budget("AbstainQA"))
+    preds = [parse_choice(item["choices"], out) for item, out in zip(items, outputs)]
+    golds = [item["answer"] for item in items]
+    correct = [int(p == g) for p, g in zip(preds, golds)]
+    reflections = batch_generate(model, tokenizer,
+                                 [p + ABSTAIN_REFLECTION.format(answer=o) for p, o in zip(prompts, outputs)],
+                                 max_new_tokens=_budget("abstain_reflection"))
+    abstain = [int("false" in r.lower()) for r in reflections]
+    # per item: +1 answered right, -1 answered wrong, 0 abstained; their mean is the effective reliability
+    scores = [0.0 if a else (1.0 if c else -1.0) for c, a in zip(correct, abstain)]
+    record(golds=golds, preds=preds, scores=scores, outputs=outputs, reflections=reflections, abstain=abstain)
+    return effective_reliability(correct, abstain)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# External services: credentials, rate limiting, retries
+
+PERSPECTIVE_DISCOVERY_URL = "https://commentanalyzer.googleapis.com/$discovery/rest?version=v1alpha1"
+
+
+def check_credentials(eval_type):
+    """Raise EvalError naming the variable to set when an objective's external service is not configured."""
+    if eval_type == "external_api" and not os.environ.get("PERSPECTIVE_API_KEY"):
+        raise EvalError("external_api (Perspective API) needs an API key: set PERSPECTIVE_API_KEY "
+                        "(https://developers.perspectiveapi.com/s/docs-get-started)")
+    if eval_type == "human":
+        if not os.environ.get("GOOGLE_CLOUD_PROJECT"):
+            raise EvalError("human (Gemini judge on Vertex AI) needs a Google Cloud project: set GOOGLE_CLOUD_PROJECT"
+                            " (and optionally GOOGLE_CLOUD_LOCATION, default us-central1)")
+        if JUDGE_MODEL_FACTORY is None:
+            import google.auth
+            from google.auth.exceptions import DefaultCredentialsError
+            try:
+                google.auth.default()
+            except DefaultCredentialsError:
+                raise EvalError("human (Gemini judge on Vertex AI) found no Google Cloud credentials: set "
+                                "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file or run "
+                                "`gcloud auth application-default login`") from None
+
+
+class RateLimiter:
+    """At most `qps` calls per second from this process (the quota is per key/project, not per thread)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._next = 0.0
+
+    def wait(self, qps):
+        with self._lock:
+            now = time.monotonic()
+            delay = self._next - now
+            self._next = max(now, self._next) + 1.0 / qps
+        if delay > 0:
+            time.sleep(delay)
+
+
+_PERSPECTIVE_LIMIT = RateLimiter()
+_JUDGE_LIMIT = RateLimiter()
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+def with_retries(call, status_of, what):
+    """call() with exponential backoff on rate limits, server errors and connection errors."""
+    retries, delay = OPTIONS["api_retries"], OPTIONS["api_backoff_s"]
+    for attempt in range(retries + 1):
+        try:
+            return call()
+        except (ConnectionError, TimeoutError, OSError) as e:
+            error, retriable = e, True
+        except Exception as e:  # noqa: BLE001 - client libraries raise their own types; status_of sorts them
+            error, retriable = e, status_of(e) in _RETRY_STATUS
+        if not retriable or attempt == retries:
+            raise error
+        pause = delay * (2 ** attempt) * (0.5 + random.random() / 2)
+        log.warning("%s failed (%s); retry %d/%d in %.1fs", what, _first_line(error), attempt + 1, retries, pause)
+        time.sleep(pause)
+
+
+_PERSPECTIVE_CLIENT = {}
+
+
+def perspective_client():
+    from googleapiclient import discovery
+    key = os.environ["PERSPECTIVE_API_KEY"]
+    cache_key = (key, id(PERSPECTIVE_HTTP))
+    if cache_key not in _PERSPECTIVE_CLIENT:
+        _PERSPECTIVE_CLIENT.clear()
+
+        def build():
+            return discovery.build("commentanalyzer", "v1alpha1", developerKey=key,
+                                   discoveryServiceUrl=PERSPECTIVE_DISCOVERY_URL, static_discovery=False,
+                                   http=PERSPECTIVE_HTTP, cache_discovery=False)
+        _PERSPECTIVE_CLIENT[cache_key] = with_retries(build, _http_status, "Perspective API discovery")
+    return _PERSPECTIVE_CLIENT[cache_key]
+
+
+def _http_status(e):
+    resp = getattr(e, "resp", None)
+    return int(getattr(resp, "status", 0) or 0)
+
+
+def toxicity(client, text):
+    """Perspective TOXICITY summary score of one text (0..1), or None when Perspective rejects the text (HTTP 400,
+    e.g. an unsupported language)."""
+    from googleapiclient.errors import HttpError
+    body = {"comment": {"text": text}, "requestedAttributes": {"TOXICITY": {}}, "doNotStore": True}
+
+    def call():
+        _PERSPECTIVE_LIMIT.wait(OPTIONS["perspective_qps"])
+        return client.comments().analyze(body=body).execute()
+    try:
+        response = with_retries(call, _http_status, "Perspective API")
+    except HttpError as e:
+        if _http_status(e) == 400:
+            return None
+        raise EvalError(f"Perspective API request failed: HTTP {_http_status(e)}: {_first_line(e)}") from None
+    except Exception as e:  # noqa: BLE001 - connection errors after the retries: one line for the user
+        raise EvalError(f"Perspective API unreachable: {type(e).__name__}: {_first_line(e)}") from None
+    return float(response["attributeScores"]["TOXICITY"]["summaryScore"]["value"])
+
+
+def score_external_api(model, tokenizer, data, dataset):
+    """Mean of (1 - toxicity) of the continuations' first lines. Empty continuations and texts Perspective
+    rejects score a neutral 0.5 and are counted in last_details()["unscored"]."""
+    check_credentials("external_api")
+    items = data["items"]
+    outputs = batch_generate(model, tokenizer, [item["prompt"] for item in items],
+                             max_new_tokens=_budget("external_api"))
+    client = perspective_client()
+    scores, unscored = [], 0
+    for output in outputs:
+        text = output.split("\n", 1)[0].strip()
+        value = toxicity(client, text) if text else None
+        if value is None:
+            unscored += 1
+        scores.append(0.5 if value is None else 1.0 - value)
+    if unscored:
+        log.warning("%d of %d continuations could not be scored by Perspective (scored 0.5)", unscored, len(outputs))
+    record(golds=[None] * len(items), preds=outputs, scores=scores, unscored=unscored)
+    return _mean(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward models (rm_default, rm_verbose, rm_concise)
+
+_REWARD_MODELS = {}
+
+
+def get_reward_model(name, device):
+    """(model, tokenizer) of a reward model, loaded once per (name, device, dtype)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+    dtype = resolve_dtype(device)
+    key = (os.path.abspath(name) if os.path.isdir(name) else name, str(device), dtype)
+    if key in _REWARD_MODELS:
+        return _REWARD_MODELS[key]
+    trust = OPTIONS["trust_remote_code"]
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+        auto_map = getattr(config, "auto_map", None) or {}
+        if auto_map and not trust:
+            raise ValueError("trust_remote_code")
+        # remote-code reward models (internlm2-7b-reward) register under AutoModel and expose get_score()
+        loader = AutoModel if "AutoModel" in auto_map and "AutoModelForSequenceClassification" not in auto_map \
+            else AutoModelForSequenceClassification
+        model = loader.from_pretrained(name, dtype=dtype, trust_remote_code=trust)
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=trust)
+    except ValueError as e:
+        if "trust_remote_code" in str(e):
+            raise EvalError(f"reward model {name!r} runs custom code from its repository; pass --trust_remote_code "
+                            f"to allow it") from None
+        raise EvalError(f"cannot load reward model {name!r}: {_first_line(e)}") from None
+    except OSError as e:
+        raise EvalError(f"cannot load reward model {name!r}: {_first_line(e)}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not hasattr(model, "get_score") and not getattr(tokenizer, "chat_template", None):
+        raise EvalError(f"reward model {name!r} has no chat_template to format (prompt, response) pairs")
+    _REWARD_MODELS[key] = (model.to(device).eval(), tokenizer)
+    return _REWARD_MODELS[key]
+
+
+def reward_scores(prompts, responses, device, batch_size=None):
+    """Reward of each (prompt, response) chat: model.get_score(tokenizer, chat) when the model has it, else the
+    sequence-classification logit of the chat-templated conversation."""
+    model, tokenizer = get_reward_model(OPTIONS["reward_model"], device)
+    chats = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+    scores = [None] * len(chats)
+    if hasattr(model, "get_score"):
+        for i, chat in enumerate(chats):
+            with torch.inference_mode(), forward_timer(device):
+                scores[i] = float(model.get_score(tokenizer, chat))
+        return scores
+    texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    pad_id = tokenizer.pad_token_id
+
+    def run(chunk):
+        input_ids, mask = _left_pad([ids[i] for i in chunk], pad_id, device)
+        with torch.inference_mode(), forward_timer(device):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        for i, value in zip(chunk, logits[:, 0].float().tolist()):
+            scores[i] = value
+
+    _in_batches(model, len(ids), sorted(range(len(ids)), key=lambda i: -len(ids[i])), batch_size, run)
+    return scores
+
+
+def rm_utility(eval_type, rewards, lengths, budget):
+    """Per-item utility of the reward-model objectives.
+
+    rm_default: the raw reward. rm_verbose / rm_concise: the mean of a normalised reward, sigmoid(reward) in (0, 1)
+    (reward models are trained with a Bradley-Terry loss, so the sigmoid reads as a preference probability), and a
+    length score in [0, 1]: response tokens / generation budget for verbose, one minus that for concise.
+    """
+    if eval_type == "rm_default":
+        return list(rewards)
+    out = []
+    for reward, length in zip(rewards, lengths):
+        length_score = min(length / budget, 1.0)
+        if eval_type == "rm_concise":
+            length_score = 1.0 - length_score
+        out.append(0.5 * (_sigmoid(reward) + length_score))
+    return out
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def score_reward_model(model, tokenizer, data, eval_type):
+    items = data["items"]
+    prompts = [item["prompt"] for item in items]
+    budget = _budget("rm")
+    responses = batch_generate_chat_template(model, tokenizer, prompts, max_new_tokens=budget)
+    rewards = reward_scores(prompts, responses, _model_device(model))
+    lengths = [len(tokenizer(r, add_special_tokens=False).input_ids) for r in responses]
+    scores = rm_utility(eval_type, rewards, lengths, budget)
+    record(golds=[None] * len(items), preds=responses, scores=scores, rewards=rewards, lengths=lengths)
+    return _mean(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Human interests: Gemini as a judge through Vertex AI
+
+JUDGE_PROMPT = ("You are judging how well an AI assistant answered a user. Rate the response to the instruction "
+                "below on a scale from 1 (worst) to 10 (best). Start your reply with \"Rating: N/10\" and then give "
+                "a short justification.\n\nInstruction: {prompt}\n\nResponse: {response}")
+JUDGE_MIN, JUDGE_MAX = 1, 10
+_RATING = re.compile(r"Rating:\s*\**\s*(\d+(?:\.\d+)?)\s*/\s*10")
+_JUDGES = {}
+
+
+def judge_client():
+    name = OPTIONS["judge_model"]
+    factory = JUDGE_MODEL_FACTORY or _vertex_generative_model
+    key = (name, id(factory))
+    if key not in _JUDGES:
+        _JUDGES.clear()
+        _JUDGES[key] = factory(name)
+    return _JUDGES[key]
+
+
+def _vertex_generative_model(name):
+    import vertexai
+    from vertexai.generative_models import GenerativeModel
+    vertexai.init(project=os.environ["GOOGLE_CLOUD_PROJECT"],
+                  location=os.environ.get("GOOGLE_CLOUD_LOCATION") or "us-central1")
+    return GenerativeModel(name)
+
+
+def parse_rating(reply):
+    """The N of "Rating: N/10" clamped to [1, 10], or None when absent."""
+    m = _RATING.search(reply or "")
+    if not m:
+        return None
+    return min(max(float(m.group(1)), JUDGE_MIN), JUDGE_MAX)
+
+
+def judge(prompt, response):
+    """Rating of one response, or None when the reply is missing, blocked or unparseable."""
+    client = judge_client()
+    text = JUDGE_PROMPT.format(prompt=prompt, response=response)
+
+    def call():
+        _JUDGE_LIMIT.wait(OPTIONS["judge_qps"])
+        return client.generate_content(text, generation_config={"temperature": 0.0, "max_output_tokens": 256})
+    try:
+        reply = with_retries(call, lambda e: int(getattr(e, "code", 0) or 0), "Vertex AI Gemini judge")
+    except Exception as e:  # noqa: BLE001 - after retries, any service error is one line for the user
+        raise EvalError(f"Gemini judge {OPTIONS['judge_model']!r} failed: {_first_line(e)}") from None
+    try:
+        reply_text = reply.text
+    except (ValueError, AttributeError):  # a blocked or empty candidate has no text
+        return None
+    return parse_rating(reply_text)
+
+
+def score_human(model, tokenizer, data):
+    """Mean judge rating (1..10); unparseable judgements score the minimum and are counted."""
+    check_credentials("human")
+    items = data["items"]
+    prompts = [item["prompt"] for item in items]
+    responses = batch_generate_chat_template(model, tokenizer, prompts, max_new_tokens=_budget("human"))
+    ratings = [judge(p, r) for p, r in zip(prompts, responses)]
+    unparseable = sum(r is None for r in ratings)
+    if unparseable:
+        log.warning("%d of %d judge replies had no parseable \"Rating: N/10\" (scored %d)", unparseable,
+                    len(ratings), JUDGE_MIN)
+    scores = [float(JUDGE_MIN if r is None else r) for r in ratings]
+    record(golds=[None] * len(items), preds=responses, scores=scores, unparseable_judgements=unparseable)
+    return _mean(scores)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, per-item results
+
+_DATA_CACHE = {}
+
+
+def load_data(dataset, eval_type):
+    """Validated dataset (data/schema.py format), read once per process per (name, eval type)."""
+    key = (os.path.abspath(OPTIONS["data_dir"]), dataset, eval_type)
+    if key not in _DATA_CACHE:
+        try:
+            _DATA_CACHE[key] = load_eval_data(dataset, eval_type, data_dir=OPTIONS["data_dir"])
+        except DataError as e:
+            raise EvalError(str(e)) from None
+    return _DATA_CACHE[key]
+
+
+def _split(data, split):
+    """A split's items, plus the dataset-level fields scorers use."""
+    return {"items": data[split], "icl_prompt": data.get("icl_prompt")}
+
+
+def _budget(kind):
+    return OPTIONS["max_new_tokens"] or MAX_NEW_TOKENS[kind]
+
+
+def _mean(values):
+    return sum(values) / len(values) if values else 0.0
+
+
+def record(golds=None, preds=None, scores=None, **extra):
+    """Keep per-item results of the current evaluation for last_details() (and golds_preds_*.json)."""
+    for name, value in (("golds", golds), ("preds", preds), ("scores", scores)):
+        if value is not None:
+            _LAST_DETAILS[name] = list(value)
+    _LAST_DETAILS.update(extra)
+
+
+def last_details():
+    """{"golds", "preds", "scores"} per item of the last evaluate()/evaluate_test() call, plus forward_seconds,
+    swap_seconds, total_seconds and objective-specific extras."""
+    return json.loads(json.dumps(_LAST_DETAILS))
+
+
+def _begin():
+    _STATE["forward_seconds"] = _STATE["swap_seconds"] = 0.0
+    _LAST_DETAILS.clear()
+    _LAST_DETAILS.update({"golds": [], "preds": [], "scores": []})
+    return time.perf_counter()
+
+
+def _finish(start, model_path, eval_type, dataset, split, utility, save):
+    _LAST_DETAILS.update({"eval_type": eval_type, "dataset": dataset, "split": split, "utility": utility,
+                          "forward_seconds": _STATE["forward_seconds"], "swap_seconds": _STATE["swap_seconds"],
+                          "total_seconds": time.perf_counter() - start})
+    if save and isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path):
+        path = os.path.join(os.fspath(model_path), f"golds_preds_{split}.json")
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(_LAST_DETAILS, f)
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry points
+
+def evaluate(model_path, eval_type, dataset, gpu_id, base_model, save_dev_flag=False, only_one_or_two=None,
+             skip_flag=False):
+    """Utility of a candidate on the dev split (higher is better). save_dev_flag writes
+    <model_path>/golds_preds_dev.json when model_path is a folder; skip_flag returns None without evaluating."""
+    if skip_flag:
+        return None
+    check_credentials(eval_type)
+    start = _begin()
+    host = get_host(base_model, gpu_id)
+    model, tokenizer = host.load(model_path), host.tokenizer
+
+    if eval_type == "multiple_choice":
+        utility = score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
+    elif eval_type == "exact_match":
+        utility = score_exact_match(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
+    elif eval_type == "multitask":
+        utility = score_multitask(model, tokenizer, dataset, "dev", only_one_or_two)
+    elif eval_type == "AbstainQA":
+        utility = score_abstain(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
+    elif eval_type == "external_api":
+        utility = score_external_api(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
+    elif eval_type in RM_EVAL_TYPES:
+        utility = score_reward_model(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), eval_type)
+    elif eval_type == "human":
+        utility = score_human(model, tokenizer, _split(load_data(dataset, eval_type), "dev"))
+    else:
+        raise EvalError(f"unknown eval_type {eval_type!r}; add an `elif eval_type == {eval_type!r}:` branch to "
+                        f"evaluate() and evaluate_test() in evaluate.py")
+
+    _finish(start, model_path, eval_type, dataset, "dev", utility, save_dev_flag)
+    return utility
+
+
+def evaluate_test(model_path, eval_type, dataset, gpu_id, base_model, only_one_or_two=None):
+    """Utility of a candidate on the test split; writes <model_path>/golds_preds_test.json when it is a folder."""
+    check_credentials(eval_type)
+    start = _begin()
+    host = get_host(base_model, gpu_id)
+    model, tokenizer = host.load(model_path), host.tokenizer
+
+    if eval_type == "multiple_choice":
+        utility = score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
+    elif eval_type == "exact_match":
+        utility = score_exact_match(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
+    elif eval_type == "multitask":
+        utility = score_multitask(model, tokenizer, dataset, "test", only_one_or_two)
+    elif eval_type == "AbstainQA":
+        utility = score_abstain(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
+    elif eval_type == "external_api":
+        utility = score_external_api(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
+    elif eval_type in RM_EVAL_TYPES:
+        utility = score_reward_model(model, tokenizer, _split(load_data(dataset, eval_type), "test"), eval_type)
+    elif eval_type == "human":
+        utility = score_human(model, tokenizer, _split(load_data(dataset, eval_type), "test"))
+    else:
+        raise EvalError(f"unknown eval_type {eval_type!r}; add an `elif eval_type == {eval_type!r}:` branch to "
+                        f"evaluate() and evaluate_test() in evaluate.py")
+
+    _finish(start, model_path, eval_type, dataset, "test", utility, True)
+    return utility

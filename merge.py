@@ -1,0 +1,697 @@
+"""Merging of LoRA adapters (and full checkpoints) for BWR_model.
+
+Merges work in LoRA factor space: every saved tensor (each ``lora_A`` and each
+``lora_B`` separately) is combined on its own. Arithmetic is done in float32 and
+the result is cast back to the dtype the first input uses for that tensor.
+
+Layers:
+  * pure math: ``parse_merge_params``, ``merge_state_dicts`` (and the four methods),
+  * I/O: ``load_adapter`` / ``save_adapter`` (safetensors only, atomic saves),
+  * entry point kept from the published toolkit: ``lora_merge``, plus a small CLI:
+
+    python merge.py --weights 0.5,0.5 --adapters a b --output out \
+        [--merge_method ties] [--merge_params '{"threshold": 0.01}'] [--fast_merge 1] [--gpu cpu]
+
+Every problem with the inputs raises ``MergeError`` with a one-line message naming the
+adapter and the tensor at fault; nothing is skipped silently.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import numbers
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MERGE_METHODS = ("weighted_average", "task_arithmetic", "ties", "dare")
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
+# files never copied verbatim from the first input of a full-checkpoint merge: they are weights
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+# adapter_config.json fields that change how the factors are scaled into the model: merging
+# factors trained under different values would silently mean something else.
+_CONFIG_MUST_MATCH = ("peft_type", "r", "lora_alpha", "use_rslora")
+
+
+class MergeError(ValueError):
+    """Bad merge input. The message is one line naming the adapter and tensor at fault."""
+
+
+# ----------------------------------------------------------------------------- parameters
+
+_UNSET = object()
+
+
+def _float_param(method, name, value, ok, expect):
+    """``ok(value)`` decides the range; ``expect`` describes it for the error message."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise MergeError(f"merge_params {name!r} for {method} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or not ok(value):
+        raise MergeError(f"merge_params {name!r} for {method} must be {expect}, got {value!r}")
+    return value
+
+
+def _index_param(method, name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        kind = "a non-negative integer or null" if allow_none else "a non-negative integer"
+        raise MergeError(f"merge_params {name!r} for {method} must be {kind}, got {value!r}")
+    if value < 0:
+        raise MergeError(f"merge_params {name!r} for {method} must be >= 0, got {value}")
+    return int(value)
+
+
+def parse_merge_params(method, params=None):
+    """Validate ``params`` for ``method`` and return a new dict with defaults filled in.
+
+    ``params`` is a dict, a JSON object string, or None. Unknown keys, wrong types and
+    out-of-range values raise MergeError. Parsing an already-parsed dict returns it unchanged,
+    so callers may parse early and pass the result on.
+
+    Keys per method (defaults in brackets):
+      weighted_average: none
+      task_arithmetic:  base_model_idx [0]
+      ties:             threshold [0.01] | density, base_model_idx [null = no base]
+      dare:             threshold [0.01], amplification_factor [2.0] | drop_rate, base_model_idx [0]
+    ``threshold``/``density`` (ties) and ``threshold``+``amplification_factor``/``drop_rate`` (dare)
+    select alternative variants and are mutually exclusive.
+    """
+    if method not in MERGE_METHODS:
+        raise MergeError(f"unknown merge_method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
+    if params is None:
+        params = {}
+    elif isinstance(params, str):
+        text = params.strip()
+        if not text:
+            params = {}
+        else:
+            try:
+                params = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise MergeError(f"merge_params is not valid JSON ({e.msg} at char {e.pos}): {text!r}") from None
+    if not isinstance(params, dict):
+        raise MergeError(f"merge_params must be a JSON object / dict, got {type(params).__name__}: {params!r}")
+
+    allowed = {
+        "weighted_average": (),
+        "task_arithmetic": ("base_model_idx",),
+        "ties": ("threshold", "density", "base_model_idx"),
+        "dare": ("threshold", "amplification_factor", "drop_rate", "base_model_idx"),
+    }[method]
+    unknown = sorted(k for k in params if k not in allowed)
+    if unknown:
+        ok = ", ".join(allowed) if allowed else "none"
+        raise MergeError(f"unknown merge_params key(s) {', '.join(map(repr, unknown))} for {method}; allowed: {ok}")
+
+    get = lambda k: params.get(k, _UNSET)  # noqa: E731
+    out = {}
+    if method == "task_arithmetic":
+        b = get("base_model_idx")
+        out["base_model_idx"] = 0 if b is _UNSET else _index_param(method, "base_model_idx", b)
+    elif method == "ties":
+        threshold, density = get("threshold"), get("density")
+        if threshold is not _UNSET and density is not _UNSET:
+            raise MergeError("merge_params for ties: give either 'threshold' or 'density', not both")
+        if density is not _UNSET:
+            out["density"] = _float_param(method, "density", density, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+        else:
+            out["threshold"] = 0.01 if threshold is _UNSET else _float_param(method, "threshold", threshold, lambda v: v >= 0.0, ">= 0")
+        b = get("base_model_idx")
+        out["base_model_idx"] = None if b is _UNSET else _index_param(method, "base_model_idx", b, allow_none=True)
+    elif method == "dare":
+        threshold, amp, rate = get("threshold"), get("amplification_factor"), get("drop_rate")
+        if rate is not _UNSET:
+            if threshold is not _UNSET or amp is not _UNSET:
+                raise MergeError("merge_params for dare: 'drop_rate' (random DARE) cannot be combined with "
+                                 "'threshold'/'amplification_factor' (threshold DARE)")
+            out["drop_rate"] = _float_param(method, "drop_rate", rate, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
+        else:
+            out["threshold"] = 0.01 if threshold is _UNSET else _float_param(method, "threshold", threshold, lambda v: v >= 0.0, ">= 0")
+            out["amplification_factor"] = (2.0 if amp is _UNSET else
+                                           _float_param(method, "amplification_factor", amp, lambda v: v > 0.0, "> 0"))
+        b = get("base_model_idx")
+        out["base_model_idx"] = 0 if b is _UNSET else _index_param(method, "base_model_idx", b)
+    return out
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _labels(n, names):
+    if names is None:
+        return [f"adapter {i}" for i in range(n)]
+    names = list(names)
+    if len(names) != n:
+        raise MergeError(f"got {len(names)} names for {n} adapters")
+    return [f"adapter {str(x)!r}" for x in names]
+
+
+def _check_weights(weights, n):
+    try:
+        weights = list(weights)
+    except TypeError:
+        raise MergeError(f"weights must be a list of numbers, got {weights!r}") from None
+    if len(weights) != n:
+        raise MergeError(f"got {len(weights)} weights for {n} adapters; give exactly one weight per adapter")
+    out = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(float(w)):
+            raise MergeError(f"weight {i} must be a finite number, got {w!r}")
+        out.append(float(w))
+    return out
+
+
+def _rank_dim(key):
+    # peft stores A as [r, in(, k, k)] and B as [out, r(, 1, 1)]; embeddings use the same layout
+    if ".lora_A." in key or ".lora_embedding_A" in key:
+        return 0
+    if ".lora_B." in key or ".lora_embedding_B" in key:
+        return 1
+    return None
+
+
+def check_states(states, names=None):
+    """Check that all state dicts hold the same tensor names, shapes (LoRA ranks) and kinds.
+
+    Returns the adapter labels used in messages. Raises MergeError naming adapter and tensor.
+    """
+    if not isinstance(states, (list, tuple)) or not states:
+        raise MergeError("need at least one adapter state dict to merge")
+    labels = _labels(len(states), names)
+    for i, s in enumerate(states):
+        if not isinstance(s, dict):
+            raise MergeError(f"{labels[i]} is not a state dict (got {type(s).__name__})")
+    ref = states[0]
+    ref_keys = set(ref)
+    if not ref_keys:
+        raise MergeError(f"{labels[0]} holds no tensors")
+    for i, s in enumerate(states[1:], 1):
+        missing = sorted(ref_keys - set(s))
+        if missing:
+            raise MergeError(f"{labels[i]} is missing tensor {missing[0]!r} (present in {labels[0]}); "
+                             f"{len(missing)} tensor(s) missing in total")
+        extra = sorted(set(s) - ref_keys)
+        if extra:
+            raise MergeError(f"{labels[i]} has tensor {extra[0]!r} not present in {labels[0]}; "
+                             f"{len(extra)} extra tensor(s) in total")
+    for key, t0 in ref.items():
+        if not isinstance(t0, torch.Tensor):
+            raise MergeError(f"{labels[0]} tensor {key!r} is not a torch.Tensor (got {type(t0).__name__})")
+        for i, s in enumerate(states[1:], 1):
+            t = s[key]
+            if not isinstance(t, torch.Tensor):
+                raise MergeError(f"{labels[i]} tensor {key!r} is not a torch.Tensor (got {type(t).__name__})")
+            if t.shape != t0.shape:
+                d = _rank_dim(key)
+                if d is not None and t.dim() == t0.dim() and t.dim() > d and t.shape[d] != t0.shape[d]:
+                    raise MergeError(f"rank mismatch at tensor {key!r}: {labels[i]} has rank {t.shape[d]} but "
+                                     f"{labels[0]} has rank {t0.shape[d]} (shapes {list(t.shape)} vs {list(t0.shape)})")
+                raise MergeError(f"shape mismatch at tensor {key!r}: {labels[i]} has {list(t.shape)} but "
+                                 f"{labels[0]} has {list(t0.shape)}")
+            if t.is_floating_point() != t0.is_floating_point():
+                raise MergeError(f"dtype mismatch at tensor {key!r}: {labels[i]} has {t.dtype} but "
+                                 f"{labels[0]} has {t0.dtype}")
+    return labels
+
+
+# ----------------------------------------------------------------------------- methods
+# Each method takes the inputs for one tensor name (in input order, any float dtype, already on
+# one device) and returns the merged float32 tensor.
+
+def _weighted_average(tensors, weights, params, key, seed):
+    """sum_i w_i * theta_i   (weights are coefficients: not normalised, may be negative)."""
+    # zero-filled float32 accumulator + add_(alpha=w): each input is read once and widened to
+    # float32 inside the kernel, measurably faster than .float() copies on CPU
+    acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+    for t, w in zip(tensors, weights):
+        if w != 0.0:  # BWR coefficient vectors are mostly zeros; skipping saves whole passes
+            acc.add_(t, alpha=w)
+    return acc
+
+
+def _task_arithmetic(tensors, weights, params, key, seed):
+    """theta_b + sum_{i != b} w_i * (theta_i - theta_b),  b = base_model_idx.
+
+    The base's own weight w_b is not used: the base enters with coefficient 1 by definition.
+    """
+    b = params["base_model_idx"]
+    base = tensors[b].to(torch.float32)
+    acc = base.clone()
+    for i, (t, w) in enumerate(zip(tensors, weights)):
+        if i == b or w == 0.0:
+            continue
+        # difference first, then scale: keeps precision when theta_i is close to theta_b
+        acc.add_(t.to(torch.float32) - base, alpha=w)
+    return acc
+
+
+def _ties(tensors, weights, params, key, seed):
+    """TIES-merging (Yadav et al. 2023) on weighted task vectors.
+
+    Task vectors: without base_model_idx (default) the adapters' tensors themselves
+    (a LoRA adapter already is a delta from the frozen base model: the zero adapter is the
+    base), tau_i = theta_i; with base_model_idx = b, tau_i = theta_i - theta_b for i != b.
+    With v_i = w_i * tau_i (weighted, so negative BWR coefficients flip the vector):
+      1. trim:  v_i[j] = 0 where |v_i[j]| < threshold   (or, with density d, keep the top
+                int(d * numel) entries of |v_i| per tensor and zero the rest)
+      2. elect: s[j] = sign(sum_i v_i[j])   (= the sign with the larger summed magnitude;
+                +1 on a tie)
+      3. disjoint merge: m[j] = sum_{i: sign(v_i[j]) == s[j]} v_i[j] / max(1, #{those i})
+    result = m                (no base)
+    result = theta_b + m      (base_model_idx = b)
+    The trim uses the weighted magnitude |w_i * tau_i| so the threshold is in the units of
+    what actually enters the merge, and weights change trimming, election and the mean.
+    """
+    # imported here: peft pulls in transformers (seconds of start-up) and only ties needs it,
+    # so the CLI and the other methods stay quick to start
+    from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune
+
+    b = params.get("base_model_idx")
+    base = tensors[b].to(torch.float32) if b is not None else None
+    vecs = []
+    for i, (t, w) in enumerate(zip(tensors, weights)):
+        if i == b:
+            continue
+        tau = t.to(torch.float32)
+        v = (tau - base) * w if base is not None else tau * w
+        if "density" in params:
+            # peft warns and does nothing at density >= 1, which is the intended no-op here
+            if params["density"] < 1.0:
+                v = prune(v, params["density"], method="magnitude")
+        else:
+            v = v.masked_fill_(v.abs() < params["threshold"], 0.0)
+        vecs.append(v)
+    if not vecs:  # only the base itself was given
+        return base.clone()
+    stacked = torch.stack(vecs, dim=0)
+    # peft's helpers implement steps 2 and 3 exactly; peft.ties() itself is not used because it
+    # elects signs on the *unweighted* vectors and only trims by density.
+    mask = calculate_majority_sign_mask(stacked, method="total")
+    merged = disjoint_merge(stacked, mask)
+    return merged + base if base is not None else merged
+
+
+def derive_seed(seed, *parts):
+    """A 63-bit seed from ``seed`` and identifying parts (tensor name, member index).
+
+    Seeding every (tensor, adapter) pair on its own makes random merges independent of the
+    order tensors are visited in (whole dict vs shard by shard) and of which other tensors exist.
+    """
+    text = "\0".join([str(int(seed))] + [str(p) for p in parts])
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _dare(tensors, weights, params, key, seed):
+    """DARE around base theta_b (b = base_model_idx, default 0), d_i = theta_i - theta_b.
+
+    threshold variant (default, as in the seed toolkit):
+        theta_b + sum_{i != b} w_i * amplification_factor * d_i * [|d_i| >= threshold]
+    drop_rate variant (published DARE, Yu et al. 2023), m_i ~ Bernoulli(1 - drop_rate) per entry:
+        theta_b + sum_{i != b} w_i * m_i * d_i / (1 - drop_rate)
+    The masks are drawn from torch.Generator seeded by derive_seed(seed, tensor name, i) on the
+    CPU, so the result depends only on (inputs, weights, params, seed), not on device or order.
+    As in task_arithmetic, the base's own weight w_b is not used.
+    """
+    b = params["base_model_idx"]
+    base = tensors[b].to(torch.float32)
+    acc = base.clone()
+    for i, (t, w) in enumerate(zip(tensors, weights)):
+        if i == b or w == 0.0:
+            continue
+        d = t.to(torch.float32) - base
+        if "drop_rate" in params:
+            rate = params["drop_rate"]
+            # peft's random_pruning calls torch.bernoulli on the global RNG: results would depend
+            # on whatever else consumed it, so the mask is drawn from a private seeded generator.
+            gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, key, i))
+            keep = torch.rand(d.shape, generator=gen) >= rate
+            d.mul_(keep.to(d.device)).div_(1.0 - rate)
+        else:
+            d.masked_fill_(d.abs() < params["threshold"], 0.0).mul_(params["amplification_factor"])
+        acc.add_(d, alpha=w)
+    return acc
+
+
+_METHOD_FNS = {
+    "weighted_average": _weighted_average,
+    "task_arithmetic": _task_arithmetic,
+    "ties": _ties,
+    "dare": _dare,
+}
+
+
+def _all_finite(t):
+    # A single reduction instead of torch.isfinite (several times slower on bf16): any NaN/inf
+    # entry makes the sum non-finite; a non-finite sum of finite entries (overflow) falls back
+    # to the exact test. float16 sums are taken in float32 so they do not overflow at 65504.
+    total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
+    return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
+
+
+def _nonfinite_error(key, tensors, labels, dtype):
+    for i, t in enumerate(tensors):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return MergeError(f"merged tensor {key!r} is not finite: {labels[i]} contains NaN/inf in {key!r}")
+    return MergeError(f"merged tensor {key!r} is not finite: the weighted result overflows {dtype} "
+                      f"(inputs are finite; use smaller weights)")
+
+
+def merge_state_dicts(states, weights, method="weighted_average", params=None, names=None, seed=0):
+    """Merge adapter state dicts tensor by tensor; returns a new state dict.
+
+    states:  list of {tensor name: tensor}, all with the same names and shapes.
+    weights: one finite coefficient per state (not normalised; negative allowed).
+    method:  one of MERGE_METHODS; params: see parse_merge_params; the formulas are in the
+             docstrings of _weighted_average, _task_arithmetic, _ties and _dare.
+    names:   labels used in error messages (default "adapter i").
+    seed:    seeds DARE's random drop (drop_rate); unused by the other methods.
+    Compute is float32 on the device of states[0]'s tensors; each result takes states[0]'s dtype
+    for that tensor. Non-float tensors must be identical across inputs and are copied.
+    """
+    params = parse_merge_params(method, params)
+    labels = check_states(states, names)
+    weights = _check_weights(weights, len(states))
+    b = params.get("base_model_idx")
+    if b is not None and b >= len(states):
+        raise MergeError(f"base_model_idx {b} is out of range for {len(states)} adapters (valid: 0..{len(states) - 1})")
+    fn = _METHOD_FNS[method]
+    out = {}
+    for key, t0 in states[0].items():
+        tensors = [t0] + [s[key] if s[key].device == t0.device else s[key].to(t0.device) for s in states[1:]]
+        if not t0.is_floating_point():
+            for i, t in enumerate(tensors[1:], 1):
+                if not torch.equal(t, t0):
+                    raise MergeError(f"non-float tensor {key!r} differs between {labels[i]} and {labels[0]}; "
+                                     f"it cannot be merged by weights")
+            out[key] = t0.clone()
+            continue
+        res = fn(tensors, weights, params, key, seed).to(t0.dtype)
+        if not _all_finite(res):
+            raise _nonfinite_error(key, tensors, labels, t0.dtype)
+        out[key] = res
+    return out
+
+
+# ----------------------------------------------------------------------------- I/O
+
+def _fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _atomic_dir(path):
+    """Yield a temp dir next to ``path``; on success it becomes ``path`` (replacing an old one).
+
+    Files are fsynced before the rename and the parent after it, so a crash leaves either
+    the old folder or the complete new one. Linux cannot atomically swap two non-empty
+    folders, so an existing folder is first moved aside and restored if the second rename fails.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise MergeError(f"output {path!r} exists and is not a folder")
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            _fsync_path(os.path.join(tmp, name))
+        _fsync_path(tmp)
+        if os.path.isdir(path):
+            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+        _fsync_path(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise MergeError(f"{what} {path!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{what} {path!r} must hold a JSON object")
+    return data
+
+
+def _no_safetensors_error(path, bin_name):
+    return MergeError(f"{path!r} has {bin_name} but no safetensors weights; convert it once, e.g. load it with "
+                      f"peft/transformers and call save_pretrained(out_dir, safe_serialization=True)")
+
+
+def load_adapter(path):
+    """Read a peft adapter folder -> (state dict of CPU tensors, adapter_config dict)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise MergeError(f"adapter {path!r} not found (expected a folder with {ADAPTER_WEIGHTS} and {ADAPTER_CONFIG})")
+    weights = os.path.join(path, ADAPTER_WEIGHTS)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            raise _no_safetensors_error(path, "adapter_model.bin")
+        if os.path.isfile(os.path.join(path, MODEL_WEIGHTS)) or os.path.isfile(os.path.join(path, MODEL_INDEX)):
+            raise MergeError(f"{path!r} is a full model, not an adapter; merge full models with "
+                             f"directly_load_safetensors=0 (--fast_merge 0)")
+        raise MergeError(f"adapter {path!r} has no {ADAPTER_WEIGHTS}")
+    config_path = os.path.join(path, ADAPTER_CONFIG)
+    if not os.path.isfile(config_path):
+        raise MergeError(f"adapter {path!r} has no {ADAPTER_CONFIG}")
+    config = _read_json(config_path, "adapter config")
+    try:
+        with safe_open(weights, framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise MergeError(f"adapter {path!r}: cannot read {ADAPTER_WEIGHTS}: {str(e).splitlines()[0]}") from None
+    return state, config
+
+
+def save_adapter(path, state, config):
+    """Write a peft adapter folder atomically (temp dir in the same parent, fsync, rename).
+
+    An existing folder at ``path`` is replaced. The result loads with PeftModel.from_pretrained.
+    """
+    if not isinstance(config, dict):
+        raise MergeError(f"adapter config for {os.fspath(path)!r} must be a dict, got {type(config).__name__}")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    with _atomic_dir(path) as tmp:
+        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _device(gpu_id):
+    if gpu_id == "cpu":
+        return torch.device("cpu")
+    if isinstance(gpu_id, bool) or not isinstance(gpu_id, numbers.Integral) or gpu_id < 0:
+        raise MergeError(f"gpu_id must be a GPU index (0, 1, ...) or 'cpu', got {gpu_id!r}")
+    if not torch.cuda.is_available():
+        raise MergeError(f"gpu_id {gpu_id} requested but CUDA is not available; pass gpu_id='cpu'")
+    if gpu_id >= torch.cuda.device_count():
+        raise MergeError(f"gpu_id {gpu_id} out of range: {torch.cuda.device_count()} GPU(s) visible")
+    return torch.device(f"cuda:{int(gpu_id)}")
+
+
+def _check_configs(configs, labels):
+    for key in _CONFIG_MUST_MATCH:
+        ref = configs[0].get(key)
+        for i, c in enumerate(configs[1:], 1):
+            if c.get(key) != ref:
+                raise MergeError(f"{labels[i]} {ADAPTER_CONFIG} has {key}={c.get(key)!r} but {labels[0]} has "
+                                 f"{key}={ref!r}; adapters must share it to be merged")
+
+
+def _checkpoint_layout(path, label):
+    """-> (weight_map {tensor name: file name}, index file name or None) of a safetensors folder."""
+    if not os.path.isdir(path):
+        raise MergeError(f"{label} not found: {path!r} is not a folder")
+    index = os.path.join(path, MODEL_INDEX)
+    if os.path.isfile(index):
+        data = _read_json(index, "checkpoint index")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MergeError(f"{label}: {MODEL_INDEX} has no 'weight_map'")
+        for fname in sorted(set(weight_map.values())):
+            if not os.path.isfile(os.path.join(path, fname)):
+                raise MergeError(f"{label}: shard {fname!r} listed in {MODEL_INDEX} is missing")
+        return dict(weight_map), MODEL_INDEX
+    for fname in (MODEL_WEIGHTS, ADAPTER_WEIGHTS):
+        if os.path.isfile(os.path.join(path, fname)):
+            with safe_open(os.path.join(path, fname), framework="pt") as f:
+                return {k: fname for k in f.keys()}, None
+    for fname in ("pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin"):
+        if os.path.isfile(os.path.join(path, fname)):
+            raise _no_safetensors_error(path, fname)
+    raise MergeError(f"{label}: no {MODEL_WEIGHTS}, {MODEL_INDEX} or {ADAPTER_WEIGHTS} in {path!r}")
+
+
+def _merge_checkpoints(weights, paths, output, device, method, params, seed, labels):
+    """Merge full (possibly sharded) safetensors checkpoints one tensor at a time.
+
+    Only the current output shard plus one tensor per input is resident; inputs are memory
+    mapped through safe_open. The output reuses the first input's shard layout.
+    """
+    layouts = [_checkpoint_layout(p, labels[i]) for i, p in enumerate(paths)]
+    ref_map = layouts[0][0]
+    for i, (wm, _) in enumerate(layouts[1:], 1):
+        missing = sorted(set(ref_map) - set(wm))
+        if missing:
+            raise MergeError(f"{labels[i]} is missing tensor {missing[0]!r} (present in {labels[0]}); "
+                             f"{len(missing)} tensor(s) missing in total")
+        extra = sorted(set(wm) - set(ref_map))
+        if extra:
+            raise MergeError(f"{labels[i]} has tensor {extra[0]!r} not present in {labels[0]}; "
+                             f"{len(extra)} extra tensor(s) in total")
+    dev = str(device)
+    with contextlib.ExitStack() as stack:
+        handles = []  # per input: {file name: safe_open handle}
+        for i, (wm, _) in enumerate(layouts):
+            opened = {}
+            for fname in sorted(set(wm.values())):
+                try:
+                    opened[fname] = stack.enter_context(safe_open(os.path.join(paths[i], fname), framework="pt", device=dev))
+                except Exception as e:
+                    raise MergeError(f"{labels[i]}: cannot read {fname!r}: {str(e).splitlines()[0]}") from None
+            handles.append(opened)
+        # shapes are checked from the headers before anything is written
+        keysets = [{fname: set(h.keys()) for fname, h in opened.items()} for opened in handles]
+        for key in sorted(ref_map):
+            shapes = []
+            for i, (wm, _) in enumerate(layouts):
+                if key not in keysets[i][wm[key]]:
+                    raise MergeError(f"{labels[i]}: tensor {key!r} is listed in the index but missing from {wm[key]!r}")
+                shapes.append(list(handles[i][wm[key]].get_slice(key).get_shape()))
+            for i, shape in enumerate(shapes[1:], 1):
+                if shape != shapes[0]:
+                    raise MergeError(f"shape mismatch at tensor {key!r}: {labels[i]} has {shape} but "
+                                     f"{labels[0]} has {shapes[0]}")
+        shards = {}
+        for key in ref_map:
+            shards.setdefault(ref_map[key], []).append(key)
+        total = 0
+        with _atomic_dir(output) as tmp:
+            for fname in sorted(shards):
+                merged = {}
+                for key in shards[fname]:
+                    ins = [{key: handles[i][layouts[i][0][key]].get_tensor(key)} for i in range(len(paths))]
+                    t = merge_state_dicts(ins, weights, method, params, names=paths, seed=seed)[key]
+                    merged[key] = t.to("cpu").contiguous()
+                    total += merged[key].numel() * merged[key].element_size()
+                save_file(merged, os.path.join(tmp, fname), metadata={"format": "pt"})
+                del merged
+            if layouts[0][1] is not None:
+                with open(os.path.join(tmp, layouts[0][1]), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(ref_map.items()))}, f, indent=2)
+                    f.write("\n")
+            # config, generation config, tokenizer files: everything of the first input but its weights
+            for name in sorted(os.listdir(paths[0])):
+                src = os.path.join(paths[0], name)
+                if os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+
+
+def lora_merge(weights, lora_name_list, output_name, gpu_id, directly_load_safetensors=1,
+               merge_method="weighted_average", merge_params=None, seed=0):
+    """Merge adapters (or full models) from disk and write the result to ``output_name``.
+
+    weights: one coefficient per entry of lora_name_list. gpu_id: GPU index or "cpu".
+    directly_load_safetensors=1: inputs are peft adapter folders, the output is an adapter folder
+      (adapter_config.json from the first input) that PeftModel.from_pretrained loads.
+    directly_load_safetensors=0: inputs are safetensors folders (full models, single file or
+      sharded with model.safetensors.index.json, or adapters); merged tensor by tensor, shard by
+      shard; the output follows the first input's layout and keeps its config/tokenizer files.
+    seed: seeds DARE's random drop. Returns the output path.
+    """
+    if isinstance(lora_name_list, (str, bytes)) or not lora_name_list:
+        raise MergeError("lora_name_list must be a non-empty list of adapter folders")
+    paths = [os.fspath(p) for p in lora_name_list]
+    labels = _labels(len(paths), paths)
+    weights = _check_weights(weights, len(paths))
+    params = parse_merge_params(merge_method, merge_params)
+    b = params.get("base_model_idx")
+    if b is not None and b >= len(paths):
+        raise MergeError(f"base_model_idx {b} is out of range for {len(paths)} adapters (valid: 0..{len(paths) - 1})")
+    if directly_load_safetensors not in (0, 1):
+        raise MergeError(f"directly_load_safetensors must be 1 (adapters) or 0 (full/sharded models), "
+                         f"got {directly_load_safetensors!r}")
+    device = _device(gpu_id)
+    if directly_load_safetensors == 0:
+        _merge_checkpoints(weights, paths, output_name, device, merge_method, params, seed, labels)
+        return output_name
+    loaded = [load_adapter(p) for p in paths]
+    _check_configs([c for _, c in loaded], labels)
+    states = [{k: v.to(device) for k, v in s.items()} for s, _ in loaded]
+    merged = merge_state_dicts(states, weights, merge_method, params, names=paths, seed=seed)
+    save_adapter(output_name, merged, loaded[0][1])
+    return output_name
+
+
+# ----------------------------------------------------------------------------- CLI
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv=None):
+    p = _OneLineParser(prog="merge.py", description="Merge LoRA adapters (or full models) with weights.")
+    p.add_argument("--weights", required=True, help="comma-separated coefficients, one per adapter, e.g. 0.5,0.5")
+    p.add_argument("--adapters", required=True, nargs="+", help="adapter (or model) folders")
+    p.add_argument("--output", required=True, help="output folder (replaced if it exists)")
+    p.add_argument("--merge_method", default="weighted_average", help=f"one of {', '.join(MERGE_METHODS)}")
+    p.add_argument("--merge_params", default=None, help='JSON object, e.g. \'{"threshold": 0.01}\'')
+    p.add_argument("--fast_merge", type=int, default=1, help="1: adapter folders; 0: full or sharded models")
+    p.add_argument("--gpu", default="cpu", help="GPU index or 'cpu'")
+    p.add_argument("--seed", type=int, default=0, help="seed for dare's drop_rate")
+    args = p.parse_args(argv)
+    try:
+        weights = []
+        for part in args.weights.split(","):
+            try:
+                weights.append(float(part))
+            except ValueError:
+                raise MergeError(f"--weights must be comma-separated numbers, got {args.weights!r}") from None
+        gpu = args.gpu
+        if gpu != "cpu":
+            if not gpu.isdigit():
+                raise MergeError(f"--gpu must be a GPU index or 'cpu', got {gpu!r}")
+            gpu = int(gpu)
+        lora_merge(weights, args.adapters, args.output, gpu, directly_load_safetensors=args.fast_merge,
+                   merge_method=args.merge_method, merge_params=args.merge_params, seed=args.seed)
+    except MergeError as e:
+        print(f"merge.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"merged {len(args.adapters)} inputs ({args.merge_method}) -> {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,933 @@
+"""BWR_model search: evolve a population of LoRA experts with the Best-Worst-Random algorithm.
+
+    python search.py -n demo -e exact_match -d tiny_demo -g cpu \
+        -i initial_experts/tiny/experts -b initial_experts/tiny/base_model
+
+The driver (this file) validates everything up front, keeps the search state, and farms merges and evaluations out
+to one persistent worker per device (workers.py). Everything needed to continue is persisted after each iteration,
+so `python search.py --resume search/<dir>` carries on after a crash or Ctrl-C, bit for bit.
+
+Search directory layout (search/<name>_<hostname>[_<time>]/):
+    args.json                  the arguments (no secrets)
+    log.txt                    timestamped progress, per-iteration profile, final metrics
+    utility_scratchpad.json    best, worst, history, candidate_i, candidate_i_history
+    state.json                 everything needed to resume (iteration, step length, rng state, counters)
+    candidate_i/               current weights of population member i
+    global_best/ global_worst/ best weights ever found; worst member of the current population
+    final_metrics.json         the overall metrics at the end
+    utility_curve.png          best, worst and every candidate over iterations
+"""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+
+import bwr
+import merge
+from workers import LocalPool, WorkerError, atomic_write_text
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+STATE_VERSION = 1
+# flags that may differ when resuming: they change where and how fast work runs, never what is computed
+RESUMABLE_OVERRIDES = {"gpus", "batch_size", "wandb_mode", "project_name_wb", "num_cpu_workers", "backend",
+                       "ray_address", "num_cpu_when_merging"}
+
+
+class UsageError(Exception):
+    """A user mistake: reported as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see python search.py -h)")
+
+
+def build_parser():
+    p = _Parser(description="BWR_model: search over merges of LoRA experts with the Best-Worst-Random algorithm.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("-n", "--name", help="search name; outputs go to search/<name>_<hostname>[_<time>]/")
+    a("-e", "--eval_type", help="objective: multiple_choice, exact_match, multitask, AbstainQA, external_api, "
+                                "rm_default, rm_verbose, rm_concise, human")
+    a("-d", "--dataset", help="dataset name in data/eval/ (a domain name for multitask)")
+    a("-g", "--gpus", default="0", help="comma-separated GPU ids, one worker each (e.g. 0,1,2), or 'cpu'")
+    a("-i", "--initial_expert_directory", default="initial_experts",
+      help="folder whose sub-folders are the initial experts (LoRA adapters or full models)")
+    a("-b", "--base_model", default="google/gemma-7b-it", help="base model (hub id or local folder) of the experts")
+    a("-p", "--patience", type=int, default=10, help="stop after this many iterations without a new global best")
+    a("-m", "--max_iteration", type=int, default=200, help="maximum number of iterations")
+    a("--step_length", type=float, default=1.0, help="initial step length s of the BWR update")
+    a("--step_length_factor", type=float, default=0.95, help="step length decay per iteration, in (0, 1]")
+    a("--minimum_step_length", type=float, default=0.1, help="the step length never decays below this")
+    a("--restart_stray_candidates", type=int, default=1, choices=[0, 1],
+      help="re-initialise candidates that have not improved for restart_patience * patience iterations")
+    a("--restart_patience", type=float, default=0.5, help="see --restart_stray_candidates")
+    a("--populate_initial_experts", type=int, default=0, choices=[0, 1],
+      help="fill the population up to --initial_experts_num with crossover children of random expert pairs")
+    a("--initial_experts_num", type=int, default=20, help="population size when --populate_initial_experts 1")
+    a("--starting_test_set_eval", type=int, default=0, choices=[0, 1],
+      help="also evaluate every initial candidate on the test set at the start (logged)")
+    a("--fast_merge", type=int, default=1, choices=[0, 1],
+      help="1: experts are single-file LoRA adapters, merged in memory; 0: full or multi-shard models, merged on disk")
+    a("--project_name_wb", default="bwr_model", help="Weights & Biases project")
+    a("--wandb_mode", default=None, choices=["online", "offline", "disabled"],
+      help="W&B mode; default: WANDB_MODE if set, else online when logged in, else offline (never prompts)")
+    a("--clean_up_on_end", type=int, default=0, choices=[0, 1],
+      help="remove candidate_i/ and global_worst/ at the end (global_best/ and the records are kept)")
+    a("--only_one_or_two", default=None, choices=["one", "two"], help="multitask: optimise only one of the two sets")
+    a("--to_visualize", type=int, default=0, choices=[0, 1],
+      help="record each candidate's trajectory as a fixed random 2-D projection of its weights (trajectory.png)")
+    a("--correctness_emergence", type=int, default=0, choices=[0, 1],
+      help="record per-item dev correctness of every candidate at every iteration (correctness_emergence.json)")
+    a("--dropK", type=float, default=0.0, help="probability of skipping a whole iteration's updates and evaluations")
+    a("--dropN", type=float, default=0.0, help="probability of skipping one candidate's update and evaluation")
+    a("--merge_method", default="weighted_average", help="weighted_average, task_arithmetic, ties or dare")
+    a("--merge_params", default=None, help="JSON object of merge parameters, e.g. '{\"threshold\": 0.01}'")
+    a("--num_cpu_when_merging", type=int, default=1, help="CPU threads per worker for tensor work")
+    a("--seed", type=int, default=42, help="seed of every random draw of the search")
+    a("--reset_mode", default="scaled_random", choices=["scaled_random", "bounds"],
+      help="BWR reset branch: random * r3 (seed README) or uniform between population min and max (Rao)")
+    a("--greedy", type=int, default=1, choices=[0, 1], help="1: keep an update only if utility does not decrease")
+    a("--batch_size", type=int, default=None, help="generation batch size (default: 16 on GPU, 32 on CPU)")
+    a("--mc_scoring", default="generate", choices=["generate", "logits"],
+      help="multiple choice: parse generated answers, or pick the letter with the highest next-token logit")
+    a("--reward_model", default="internlm/internlm2-7b-reward", help="reward model of the rm_* objectives")
+    a("--trust_remote_code", type=int, default=0, choices=[0, 1], help="allow models that need remote code")
+    a("--judge_model", default="gemini-1.5-flash", help="Gemini model of the 'human' objective (Vertex AI)")
+    a("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+      help="model dtype (default: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
+    a("--num_cpu_workers", type=int, default=1, help="number of worker processes with -g cpu")
+    a("--backend", default="local", choices=["local", "ray"], help="run workers as local processes or Ray actors")
+    a("--ray_address", default=None, help="Ray cluster address (default: start or join a local Ray instance)")
+    a("--output_root", default="search", help="folder in which the search directory is created")
+    a("--data_dir", default=os.path.join(REPO, "data", "eval"), help="folder of the evaluation sets")
+    a("--resume", default=None, metavar="DIR", help="continue the interrupted search in DIR")
+    return p
+
+
+NUMERIC_RULES = [  # (flag, test, what is valid)
+    ("patience", lambda v: v >= 1, "an integer >= 1"),
+    ("max_iteration", lambda v: v >= 0, "an integer >= 0"),
+    ("step_length", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
+    ("step_length_factor", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("minimum_step_length", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("restart_patience", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
+    ("initial_experts_num", lambda v: v >= 3, "an integer >= 3"),
+    ("dropK", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("dropN", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("num_cpu_when_merging", lambda v: v >= 1, "an integer >= 1"),
+    ("batch_size", lambda v: v is None or v >= 1, "an integer >= 1"),
+    ("num_cpu_workers", lambda v: v >= 1, "an integer >= 1"),
+    ("seed", lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)"),
+]
+
+
+def parse_devices(gpus, num_cpu_workers, backend="local"):
+    """'-g 0,2' -> [0, 2]; '-g cpu' -> ['cpu'] * num_cpu_workers. Checks the GPUs exist. With --backend ray the
+    list only counts GPU actors: Ray assigns the GPUs, on any node, and RayPool checks the cluster has enough."""
+    text = str(gpus).strip()
+    if text.lower() == "cpu":
+        if num_cpu_workers < 1:
+            raise UsageError(f"--num_cpu_workers {num_cpu_workers} is out of range: it must be an integer >= 1")
+        return ["cpu"] * num_cpu_workers
+    parts = [part.strip() for part in text.split(",")]
+    if not parts or not all(part.isdigit() for part in parts):
+        raise UsageError(f"-g {gpus!r} is malformed: give comma-separated GPU ids like 0,1,2 or 'cpu'")
+    ids = [int(part) for part in parts]
+    if len(set(ids)) != len(ids):
+        raise UsageError(f"-g {gpus!r} repeats a GPU id; each GPU gets one worker")
+    if backend == "ray":
+        return ids
+    import torch
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [i for i in ids if i >= visible]
+    if missing:
+        where = f"visible GPU ids are {','.join(map(str, range(visible)))}" if visible else "no CUDA GPU is visible"
+        raise UsageError(f"GPU {','.join(map(str, missing))} requested but {where}; use -g cpu to run on the CPU "
+                         f"(see search_demo.sh)")
+    return ids
+
+
+def validate_args(args):
+    """Every check that needs no model: runs before any directory is made or worker started."""
+    # the device check comes first: on a machine without GPUs the GPU starter scripts stop at once
+    args.devices = parse_devices(args.gpus, args.num_cpu_workers, args.backend)
+    if args.backend == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--backend ray needs Ray: pip install 'ray[default]' (see requirements.txt)")
+    for flag, ok, valid in NUMERIC_RULES:
+        value = getattr(args, flag)
+        if not ok(value):
+            raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
+    if args.minimum_step_length > args.step_length:
+        raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
+    for flag in ("name", "eval_type", "dataset"):
+        if not getattr(args, flag):
+            raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
+    if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
+        raise UsageError(f"--name {args.name!r} must be a plain name without path separators")
+    from data.schema import DataError, EVAL_TYPES, load_eval_data
+    if args.eval_type not in EVAL_TYPES:
+        raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
+    try:
+        load_eval_data(args.dataset, args.eval_type, data_dir=args.data_dir)
+    except DataError as e:
+        raise UsageError(str(e)) from None
+    try:
+        args.merge_params_dict = merge.parse_merge_params(args.merge_method, args.merge_params)
+    except merge.MergeError as e:
+        raise UsageError(str(e)) from None
+    if args.reset_mode == "bounds" and not args.fast_merge:
+        raise UsageError("--reset_mode bounds needs adapter experts (--fast_merge 1)")
+    import evaluate
+    try:
+        evaluate.check_credentials(args.eval_type)
+    except evaluate.EvalError as e:
+        raise UsageError(str(e)) from None
+    args.experts, args.ignored = find_experts(args.initial_expert_directory, args.fast_merge)
+    check_experts(args.experts, args.base_model, args.fast_merge, args.trust_remote_code)
+
+
+def find_experts(directory, fast_merge):
+    """Sub-folders of -i that hold an adapter (fast_merge 1) or a model (fast_merge 0), and those ignored."""
+    if not os.path.isdir(directory):
+        raise UsageError(f"expert folder {directory!r} does not exist; set -i to a folder of LoRA experts "
+                         f"(python initial_experts/expert_init.py --tiny builds a tiny one)")
+    experts, ignored = [], []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path):
+            continue
+        files = set(os.listdir(path))
+        is_adapter = "adapter_config.json" in files
+        is_model = "config.json" in files and any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
+                                                  for f in files)
+        if is_adapter and "adapter_model.safetensors" not in files:
+            raise UsageError(f"expert {path} has no adapter_model.safetensors (pickle .bin adapters are refused): "
+                             f"load it with peft and save_pretrained(path, safe_serialization=True)")
+        if is_adapter and fast_merge:
+            experts.append(path)
+        elif is_model and not is_adapter:
+            if fast_merge:
+                raise UsageError(f"expert {path} is a full model: use --fast_merge 0 for full or multi-shard models")
+            experts.append(path)
+        elif "config.json" in files and any(f.endswith(".bin") for f in files) and not is_adapter:
+            raise UsageError(f"expert {path} has only pickle .bin weights: re-save it with safe_serialization=True")
+        else:
+            ignored.append(name)
+    if not experts:
+        raise UsageError(f"no experts found in {directory!r}: expected sub-folders with adapter_config.json + "
+                         f"adapter_model.safetensors" + (" (or full models with --fast_merge 0)" if fast_merge else ""))
+    if len(experts) < 3:
+        raise UsageError(f"found {len(experts)} expert(s) in {directory!r}; BWR needs at least 3 "
+                         f"(a best, a worst and another)")
+    return experts, ignored
+
+
+def check_experts(experts, base_model, fast_merge, trust_remote_code):
+    """Experts must share keys, shapes, rank and base model, and fit the base model (-b). Reads headers only."""
+    from safetensors import safe_open
+    shapes_of = []
+    for path in experts:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        shapes = {}
+        for f in files:
+            with safe_open(os.path.join(path, f), "pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = tuple(handle.get_slice(key).get_shape())
+        shapes_of.append(shapes)
+    first = shapes_of[0]
+    configs = []
+    if fast_merge:
+        for path in experts:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                configs.append(json.load(f))
+    for path, shapes, index in zip(experts[1:], shapes_of[1:], range(1, len(experts))):
+        if set(shapes) != set(first):
+            extra = sorted(set(shapes) ^ set(first))[0]
+            raise UsageError(f"experts {experts[0]} and {path} have different tensors (e.g. {extra}): "
+                             f"all experts must be adapters of the same base model and target modules")
+        for key, shape in shapes.items():
+            if shape != first[key]:
+                raise UsageError(f"experts {experts[0]} and {path} differ in tensor {key}: {first[key]} vs {shape} "
+                                 f"(different ranks or base models)")
+        if configs:
+            for field in ("r", "target_modules", "base_model_name_or_path"):
+                a, b = configs[0].get(field), configs[index].get(field)
+                if field == "target_modules":
+                    a, b = sorted(a or []), sorted(b or [])
+                if field == "base_model_name_or_path":
+                    a, b = os.path.basename(str(a).rstrip("/")), os.path.basename(str(b).rstrip("/"))
+                if a != b:
+                    raise UsageError(f"experts {experts[0]} and {path} differ in {field}: {a} vs {b}")
+    if fast_merge:
+        _check_base_model_fits(experts[0], first, base_model, trust_remote_code)
+
+
+def _check_base_model_fits(expert, shapes, base_model, trust_remote_code):
+    from transformers import AutoConfig
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=bool(trust_remote_code))
+    except Exception as e:  # noqa: BLE001 - any failure here means the base model cannot be used
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot read the config of base model {base_model!r} ({first_line}); give -b a local "
+                         f"model folder or a hub id you can access (huggingface-cli login)") from None
+    hidden = getattr(config, "hidden_size", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    for key, shape in shapes.items():
+        parts = key.split(".")
+        if hidden is not None and "lora_A" in parts and any(m in parts for m in ("q_proj", "k_proj", "v_proj")):
+            if shape[-1] != hidden:
+                raise UsageError(f"expert {expert} does not fit base model {base_model}: {key} expects hidden size "
+                                 f"{shape[-1]}, the base model has {hidden}")
+        if layers is not None and "layers" in parts:
+            layer = parts[parts.index("layers") + 1]
+            if layer.isdigit() and int(layer) >= layers:
+                raise UsageError(f"expert {expert} does not fit base model {base_model}: it adapts layer {layer}, "
+                                 f"the base model has {layers} layers")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files of a search directory
+
+_crash_counts = {}
+
+
+def crash_point(name):
+    """Fault injection for the crash-safety tests: BWR_CRASH_AT=name:n SIGKILLs this process the n-th time it
+    passes the named point, exactly like a power cut or the OOM killer would."""
+    target = os.environ.get("BWR_CRASH_AT")
+    if not target:
+        return
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if target == f"{name}:{_crash_counts[name]}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_json(path, obj):
+    atomic_write_text(path, json.dumps(obj, indent=2))
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def apply_moves(moves):
+    """Redo log of a commit: each move replaces a folder. Idempotent, so a commit cut short is finished on resume."""
+    for src, dst in moves:
+        old = dst + ".old"
+        if os.path.exists(src):
+            if os.path.exists(dst):
+                if os.path.exists(old):
+                    shutil.rmtree(old)
+                os.replace(dst, old)
+            os.replace(src, dst)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+
+
+def new_search_dir(root, name):
+    """search/<name>_<hostname>; never an existing folder (a time and then a counter are appended)."""
+    base = os.path.join(root, f"{name}_{socket.gethostname()}")
+    path = base
+    if os.path.exists(path):
+        path = f"{base}_{time.strftime('%Y%m%d-%H%M%S')}"
+    counter = 1
+    while os.path.exists(path):
+        path = f"{base}_{time.strftime('%Y%m%d-%H%M%S')}_{counter}"
+        counter += 1
+    return path
+
+
+class Log:
+    def __init__(self, path, quiet=False):
+        self.path = path
+        self.quiet = quiet
+
+    def __call__(self, message):
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}"
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+        if not self.quiet:
+            try:
+                from tqdm import tqdm
+                tqdm.write(line)
+            except ImportError:
+                print(line, flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The search
+
+class Search:
+    def __init__(self, args, directory, state=None):
+        self.args = args
+        self.dir = directory
+        self.staging = os.path.join(directory, ".staging")
+        self.log = Log(os.path.join(directory, "log.txt"))
+        self.state = state
+        self.pool = None
+        self.wandb = None
+
+    # -- paths and helpers
+    def cand(self, i):
+        return os.path.join(self.dir, f"candidate_{i}")
+
+    def source(self, i):
+        return [self.cand(i), self.state["candidates"][i]["version"]]
+
+    def worker_config(self):
+        a = self.args
+        eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "reward_model": a.reward_model,
+                        "trust_remote_code": bool(a.trust_remote_code), "judge_model": a.judge_model,
+                        "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
+        threads = a.num_cpu_when_merging
+        if a.devices and a.devices[0] == "cpu":
+            threads = max(threads, (os.cpu_count() or 1) // len(a.devices))
+        return {"base_model": os.path.abspath(a.base_model) if os.path.isdir(a.base_model) else a.base_model,
+                "eval_type": a.eval_type, "dataset": a.dataset, "only_one_or_two": a.only_one_or_two,
+                "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": a.merge_params_dict,
+                "evaluate_options": eval_options, "torch_threads": threads, "to_visualize": a.to_visualize}
+
+    def start_pool(self):
+        config = self.worker_config()
+        self.log(f"starting {len(self.args.devices)} {self.args.backend} worker(s) on {self.args.devices}")
+        if self.args.backend == "ray":
+            from workers import RayPool
+            self.pool = RayPool(self.args.devices, config, log=self.log, address=self.args.ray_address)
+        else:
+            self.pool = LocalPool(self.args.devices, config, log=self.log)
+
+    def run_tasks(self, tasks, description):
+        from tqdm import tqdm
+        with tqdm(total=len(tasks), desc=description, leave=False, disable=not sys.stderr.isatty()) as bar:
+            def on_result(index, result):
+                bar.update(1)
+                crash_point("evaluation")  # the other workers are still merging and evaluating
+            return self.pool.run(tasks, on_result=on_result)
+
+    def fresh_staging(self):
+        shutil.rmtree(self.staging, ignore_errors=True)
+        os.makedirs(self.staging)
+
+    def commit(self, moves):
+        """State first (with its moves), then the moves: a kill anywhere leaves a state resume can complete."""
+        self.state["pending_moves"] = moves
+        crash_point("before_commit")
+        write_json(os.path.join(self.dir, "state.json"), self.state)
+        for move in moves:
+            crash_point("move")
+            apply_moves([move])
+        self.state["pending_moves"] = []
+        write_json(os.path.join(self.dir, "state.json"), self.state)
+        crash_point("scratchpad")
+        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state))
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+    def utilities(self):
+        return [c["utility"] for c in self.state["candidates"]]
+
+    # -- initialisation
+    def initialise(self):
+        a = self.args
+        rng = bwr.make_rng(a.seed)
+        experts = a.experts
+        size = max(a.initial_experts_num, len(experts)) if a.populate_initial_experts else len(experts)
+        recipes = [{"parents": [i], "weights": [1.0]} for i in range(len(experts))]
+        while len(recipes) < size:
+            first, second = rng.choice(len(experts), size=2, replace=False)
+            w, w2 = bwr.crossover(rng)
+            recipes.append({"parents": [int(first), int(second)], "weights": [float(w), float(w2)]})
+        self.fresh_staging()
+        tasks = []
+        for i, recipe in enumerate(recipes):
+            weights = [0.0] * len(experts)
+            for parent, w in zip(recipe["parents"], recipe["weights"]):
+                weights[parent] += w
+            tasks.append({"op": "candidate", "name": f"candidate_{i}",
+                          "sources": [[os.path.abspath(p), 0] for p in experts],
+                          "update": {"kind": "combine", "weights": weights}, "split": "dev",
+                          "accept_if_at_least": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                          "cache_as": [self.cand(i), 0]})
+        self.log(f"initialising {size} candidates from {len(experts)} experts")
+        results = self.run_tasks(tasks, "initial evaluation")
+        candidates = []
+        for i, (recipe, result) in enumerate(zip(recipes, results)):
+            u = result["utility"]
+            names = [os.path.basename(experts[p]) for p in recipe["parents"]]
+            origin = names[0] if len(names) == 1 else f"crossover {names[0]}*{recipe['weights'][0]:.3f} + " \
+                                                          f"{names[1]}*{recipe['weights'][1]:.3f}"
+            candidates.append({"utility": u, "history": [u], "version": 0, "stale": 0, "origin": origin,
+                               "trajectory": [result["projection"]] if "projection" in result else []})
+            self.log(f"candidate_{i} ({origin}): dev utility {u:.4f}")
+        expert_utilities = [c["utility"] for c in candidates[:len(experts)]]
+        start = max(range(len(experts)), key=lambda i: expert_utilities[i])
+        self.state = {
+            "state_version": STATE_VERSION, "stage": "search", "iteration": 0, "step_length": a.step_length,
+            "candidates": candidates, "no_improvement": 0, "profile": [],
+            "starting_best": {"candidate": start, "expert": os.path.basename(experts[start]),
+                              "utility": expert_utilities[start]},
+            "history": {"best": [], "worst": []}, "emergence": {},
+        }
+        if a.correctness_emergence:
+            self.record_emergence(0, {i: r for i, r in enumerate(results)})
+        # the best initial expert's test accuracy is the baseline the search has to beat
+        test_targets = range(len(candidates)) if a.starting_test_set_eval else [start]
+        test_tasks = [{"op": "evaluate", "path": os.path.join(self.staging, f"candidate_{i}"), "version": 0,
+                       "split": "test", "details_to": None} for i in test_targets]
+        test_results = self.run_tasks(test_tasks, "starting test evaluation")
+        for i, result in zip(test_targets, test_results):
+            candidates[i]["starting_test_utility"] = result["utility"]
+            self.log(f"candidate_{i}: starting test utility {result['utility']:.4f}")
+        self.state["starting_best"]["test_utility"] = candidates[start]["starting_test_utility"]
+        moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(size)]
+        moves += self.best_worst_moves(None)[0]
+        self.state["rng"] = bwr.rng_state(rng)
+        self.commit(moves)
+        self.log(f"starting best: {self.state['starting_best']['expert']} dev {self.state['starting_best']['utility']:.4f}"
+                 f" test {self.state['starting_best']['test_utility']:.4f}")
+
+    def best_worst_moves(self, previous_best):
+        """Update best/worst in the state and return the folder moves that record their weights."""
+        s = self.state
+        u = self.utilities()
+        best = max(range(len(u)), key=lambda i: (u[i], -i))
+        worst = min(range(len(u)), key=lambda i: (u[i], i))
+        moves = []
+        improved = previous_best is None or u[best] > previous_best["utility"]
+        if improved:
+            s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"]}
+            staged = os.path.join(self.staging, "global_best")
+            shutil.copytree(self._current_weights(best), staged)
+            moves.append([staged, os.path.join(self.dir, "global_best")])
+        previous_worst = s.get("worst")
+        s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
+        if previous_worst is None or previous_worst["candidate"] != worst or self._changed(worst):
+            staged = os.path.join(self.staging, "global_worst")
+            shutil.copytree(self._current_weights(worst), staged)
+            moves.append([staged, os.path.join(self.dir, "global_worst")])
+        s["history"]["best"].append(s["best"]["utility"])
+        s["history"]["worst"].append(u[worst])
+        return moves, improved
+
+    def _current_weights(self, i):
+        staged = os.path.join(self.staging, f"candidate_{i}")
+        return staged if os.path.exists(staged) else self.cand(i)
+
+    def _changed(self, i):
+        return os.path.exists(os.path.join(self.staging, f"candidate_{i}"))
+
+    def record_emergence(self, iteration, results):
+        rows = {}
+        for i, result in results.items():
+            scores = (result.get("details") or {}).get("scores")
+            if scores is not None:
+                rows[f"candidate_{i}"] = scores
+        self.state["emergence"][str(iteration)] = rows
+
+    # -- one iteration
+    def iterate(self):
+        a, s = self.args, self.state
+        t0 = time.perf_counter()
+        rng = bwr.rng_from_state(s["rng"])
+        k = s["iteration"] + 1
+        n = len(s["candidates"])
+        u = self.utilities()
+        best = max(range(n), key=lambda i: (u[i], -i))
+        worst = min(range(n), key=lambda i: (u[i], i))
+        skip_iteration = rng.random() < a.dropK if a.dropK > 0 else False
+        tasks, indices = [], []
+        for i in range(n):
+            skip = rng.random() < a.dropN if a.dropN > 0 else False
+            update = bwr.bwr_update(i, best, worst, n, s["step_length"], rng, a.reset_mode)
+            if skip or skip_iteration:
+                continue
+            threshold = s["candidates"][i]["utility"] if a.greedy else None
+            if threshold is not None and math.isnan(threshold):
+                threshold = None
+            tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": [self.source(j) for j in range(n)],
+                          "update": update, "split": "dev", "accept_if_at_least": threshold,
+                          "save_to": os.path.join(self.staging, f"candidate_{i}"), "cache_as": [self.cand(i), k]})
+            indices.append(i)
+        self.fresh_staging()
+        results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
+        accepted, rejected_nan = 0, 0
+        for i, result in zip(indices, results):
+            c = s["candidates"][i]
+            if result.get("rejected") or math.isnan(result["utility"]):
+                rejected_nan += 1
+                self.log(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
+                         f"it keeps its weights")
+            if result["accepted"]:
+                accepted += 1
+                c["stale"] = 0 if result["utility"] > c["utility"] else c["stale"] + 1
+                c["utility"] = result["utility"]
+                c["version"] = k
+                if "projection" in result:
+                    c["trajectory"].append(result["projection"])
+            else:
+                c["stale"] += 1
+        skipped = set(range(n)) - set(indices)
+        for i in skipped:
+            s["candidates"][i]["stale"] += 1
+        if a.correctness_emergence:
+            self.record_emergence(k, {i: r for i, r in zip(indices, results) if r["accepted"]})
+
+        # restart stray candidates: no personal improvement for restart_patience * patience iterations
+        restarted = []
+        if a.restart_stray_candidates:
+            limit = max(1, int(round(a.restart_patience * a.patience)))
+            current_best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
+            stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
+            restart_tasks = []
+            for i in stray:
+                partner = int(rng.integers(0, len(a.experts)))
+                w, w2 = bwr.crossover(rng)
+                # a fresh start near the global best: crossover of the best candidate and a random initial expert
+                sources = [self.source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
+                weights = [0.0] * len(sources)
+                weights[current_best] += w
+                weights[n + partner] += w2
+                restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": sources,
+                                      "update": {"kind": "combine", "weights": weights}, "split": "dev",
+                                      "accept_if_at_least": None,
+                                      "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                                      "cache_as": [self.cand(i), k]})
+                # a restart replaces a staged-but-unused update of the same candidate
+                shutil.rmtree(os.path.join(self.staging, f"candidate_{i}"), ignore_errors=True)
+            if restart_tasks:
+                for i, result in zip(stray, self.run_tasks(restart_tasks, f"iteration {k} restarts")):
+                    c = s["candidates"][i]
+                    if result["accepted"]:
+                        c.update(utility=result["utility"], version=k, stale=0)
+                        restarted.append(i)
+                        self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
+        for c in s["candidates"]:
+            c["history"].append(c["utility"])
+
+        s["iteration"] = k
+        previous_best = dict(s["best"])
+        moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(n)
+                 if os.path.exists(os.path.join(self.staging, f"candidate_{i}"))]
+        bw_moves, improved = self.best_worst_moves(previous_best)
+        s["no_improvement"] = 0 if improved else s["no_improvement"] + 1
+        s["step_length"] = max(s["step_length"] * a.step_length_factor, a.minimum_step_length)
+        s["rng"] = bwr.rng_state(rng)
+        profile = self.profile(results, time.perf_counter() - t0)
+        s["profile"].append(profile)
+        self.commit(moves + bw_moves)
+        self.log(f"iteration {k}: best {s['best']['utility']:.4f} (candidate_{s['best']['candidate']}) "
+                 f"worst {s['worst']['utility']:.4f} | accepted {accepted}/{len(indices)}"
+                 + (f", skipped {len(skipped)}" if skipped else "") + (f", restarted {len(restarted)}" if restarted else "")
+                 + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}")
+        self.log("profile: " + " ".join(f"{key} {value:.3f}s" for key, value in profile.items()))
+        if self.wandb is not None:
+            self.wandb.log({"best": s["best"]["utility"], "worst": s["worst"]["utility"],
+                            "step_length": s["step_length"], "accepted": accepted,
+                            **{f"candidate_{i}": c["utility"] for i, c in enumerate(s["candidates"])}}, step=k)
+
+    def profile(self, results, wall):
+        totals = {"merge": 0.0, "swap": 0.0, "forward": 0.0, "evaluate_other": 0.0, "write": 0.0}
+        for result in results:
+            for key, value in (result.get("timing") or {}).items():
+                totals[key] = totals.get(key, 0.0) + value
+        workers = max(1, len(self.args.devices))
+        busy = sum(totals.values()) / workers
+        return {"wall": wall, **totals, "driver_ipc": max(wall - busy, 0.0)}
+
+    # -- the end
+    def finish(self):
+        a, s = self.args, self.state
+        n = len(s["candidates"])
+        self.log("final evaluation of every candidate and the global best on the test set")
+        tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": "test",
+                  "details_to": os.path.join(self.cand(i), "golds_preds_test.json")} for i in range(n)]
+        best_dir = os.path.join(self.dir, "global_best")
+        tasks.append({"op": "evaluate", "path": best_dir, "version": s["best"]["iteration"], "split": "dev",
+                      "details_to": os.path.join(best_dir, "golds_preds_dev.json")})
+        tasks.append({"op": "evaluate", "path": best_dir, "version": s["best"]["iteration"], "split": "test",
+                      "details_to": os.path.join(best_dir, "golds_preds_test.json")})
+        results = self.run_tasks(tasks, "final evaluation")
+        test = [r["utility"] for r in results[:n]]
+        best_dev, best_test = results[n]["utility"], results[n + 1]["utility"]
+        metrics = {
+            "starting_best_validation_utility": s["starting_best"]["utility"],
+            "starting_best_single_test_accuracy": s["starting_best"]["test_utility"],
+            "ending_best_validation_utility": s["best"]["utility"],
+            "ending_best_single_test_accuracy": best_test,
+            "ending_best_validation_utility_reevaluated": best_dev,
+            "starting_best_expert": s["starting_best"]["expert"],
+            "ending_best_candidate": f"candidate_{s['best']['candidate']}",
+            "iterations": s["iteration"],
+        }
+        if isinstance(results[n + 1].get("details"), dict) and "per_dataset" in results[n + 1]["details"]:
+            for name, value in results[n + 1]["details"]["per_dataset"].items():
+                metrics[f"ending_best_test_accuracy_{name}"] = value
+        metrics.update(ensembles([r.get("details") for r in results[:n]], [c["utility"] for c in s["candidates"]],
+                                 a.eval_type))
+        for i, value in enumerate(test):
+            metrics[f"candidate_{i}_test_utility"] = value
+        write_json(os.path.join(self.dir, "final_metrics.json"), metrics)
+        s["stage"] = "done"
+        s["final_metrics"] = metrics
+        write_json(os.path.join(self.dir, "state.json"), s)
+        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
+        plot(s, self.dir, a.to_visualize)
+        for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
+                    "ending_best_validation_utility", "ending_best_single_test_accuracy"):
+            self.log(f"{key}: {metrics[key]:.4f}")
+        for key, value in metrics.items():
+            if key.startswith("top") and "ensemble" in key:
+                self.log(f"{key}: {value:.4f}")
+        if a.clean_up_on_end:
+            for i in range(n):
+                shutil.rmtree(self.cand(i), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
+            self.log("cleaned up candidate_i/ and global_worst/ (global_best/ and the records are kept)")
+        if self.wandb is not None:
+            self.wandb.summary.update(metrics)
+        return metrics
+
+    def run(self):
+        a = self.args
+        self.start_pool()
+        self.start_wandb()
+        if self.state is None:
+            self.initialise()
+        while self.state["stage"] == "search":
+            s = self.state
+            if s["iteration"] >= a.max_iteration:
+                self.log(f"reached --max_iteration {a.max_iteration}")
+                s["stage"] = "final"
+            elif s["no_improvement"] >= a.patience:
+                self.log(f"no new global best for {a.patience} iterations (--patience): stopping")
+                s["stage"] = "final"
+            else:
+                self.iterate()
+                continue
+            write_json(os.path.join(self.dir, "state.json"), s)
+        metrics = self.state.get("final_metrics") if self.state["stage"] == "done" else self.finish()
+        self.log(f"done: best model in {os.path.join(self.dir, 'global_best')}")
+        return metrics
+
+    def start_wandb(self):
+        a = self.args
+        mode = a.wandb_mode or os.environ.get("WANDB_MODE")
+        if mode is None:
+            mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
+        if mode == "disabled":
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        import wandb
+        self.wandb = wandb.init(project=a.project_name_wb, name=os.path.basename(self.dir), dir=self.dir,
+                                mode=mode, config=public_args(a), resume="allow",
+                                id=os.path.basename(self.dir).replace(".", "-")[:128])
+        self.log(f"W&B logging in {mode} mode (project {a.project_name_wb})")
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_logged_in():
+    netrc = os.path.expanduser("~/.netrc")
+    return os.path.exists(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+def scratchpad(state):
+    """utility_scratchpad.json: derived from the state, so it is identical however often the search resumed."""
+    pad = {"best": state["best"]["utility"], "worst": state["worst"]["utility"],
+           "history": state["history"], "iteration": state["iteration"]}
+    for i, c in enumerate(state["candidates"]):
+        pad[f"candidate_{i}"] = c["utility"]
+        pad[f"candidate_{i}_history"] = c["history"]
+    return pad
+
+
+def ensembles(details, dev_utilities, eval_type):
+    """Top-k ensembles of the final candidates (ranked by dev utility) on the test set: majority vote of
+    predictions where items have a gold answer, mean of per-item scores otherwise."""
+    out = {}
+    order = sorted(range(len(dev_utilities)), key=lambda i: (-dev_utilities[i], i))
+    if not details or any(not isinstance(d, dict) for d in details):
+        return out
+    for k in (3, 5, 10):
+        if k > len(order):
+            break
+        members = [details[i] for i in order[:k]]
+        golds = members[0].get("golds")
+        preds = [m.get("preds") for m in members]
+        if golds and all(p is not None and len(p) == len(golds) for p in preds) and \
+                eval_type in ("multiple_choice", "exact_match", "AbstainQA"):
+            correct = 0
+            for item, gold in enumerate(golds):
+                votes = {}
+                for rank, p in enumerate(preds):
+                    votes.setdefault(str(p[item]), [0, rank])[0] += 1
+                # ties go to the higher-ranked candidate's prediction
+                winner = max(votes.items(), key=lambda kv: (kv[1][0], -kv[1][1]))[0]
+                correct += int(winner.strip().lower() == str(gold).strip().lower())
+            out[f"top{k}_ensemble_test_accuracy"] = correct / len(golds)
+        else:
+            scores = [m.get("scores") for m in members]
+            if all(sc is not None for sc in scores) and scores[0]:
+                per_item = [sum(float(sc[j]) for sc in scores) / k for j in range(len(scores[0]))]
+                out[f"top{k}_ensemble_test_utility"] = sum(per_item) / len(per_item)
+    return out
+
+
+def plot(state, directory, to_visualize):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, c in enumerate(state["candidates"]):
+        ax.plot(range(len(c["history"])), c["history"], color="grey", alpha=0.35, linewidth=0.8,
+                label="candidates" if i == 0 else None)
+    iterations = range(len(state["history"]["best"]))  # entry 0 is the initial population
+    ax.plot(iterations, state["history"]["best"], color="tab:green", linewidth=2, label="global best")
+    ax.plot(iterations, state["history"]["worst"], color="tab:red", linewidth=2, label="worst")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("dev utility")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(os.path.join(directory, "utility_curve.png"), dpi=120)
+    plt.close(fig)
+    if to_visualize:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for i, c in enumerate(state["candidates"]):
+            if c.get("trajectory"):
+                xs, ys = zip(*c["trajectory"])
+                ax.plot(xs, ys, marker=".", linewidth=0.8, label=f"candidate_{i}")
+        ax.set_title("candidate trajectories (random 2-D projection of the weights)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(directory, "trajectory.png"), dpi=120)
+        plt.close(fig)
+
+
+SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def public_args(args):
+    """Arguments as recorded in args.json and W&B: no derived objects and nothing that looks like a secret."""
+    out = {}
+    for key, value in vars(args).items():
+        if key in ("experts", "ignored", "devices", "merge_params_dict", "resume"):
+            continue
+        if any(marker in key.lower() for marker in SECRET_MARKERS):
+            continue
+        out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+def explicit_flags(parser, argv):
+    """Names of the flags the user actually typed (argparse fills defaults, so parse once more without them)."""
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(shadow.parse_args(argv)).keys())
+
+
+def prepare(argv):
+    """Parse and validate; returns (args, directory, state or None). Creates nothing before validation passed."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume:
+        directory = args.resume.rstrip("/")
+        if not os.path.isfile(os.path.join(directory, "args.json")):
+            raise UsageError(f"--resume {args.resume}: not a search directory (no args.json)")
+        given = explicit_flags(parser, argv) - {"resume"}
+        recorded = read_json(os.path.join(directory, "args.json"))
+        refused = sorted(f for f in given if f not in RESUMABLE_OVERRIDES and getattr(args, f) != recorded.get(f))
+        if refused:
+            raise UsageError(f"--resume cannot change --{', --'.join(refused)}; only "
+                             f"{', '.join('--' + f for f in sorted(RESUMABLE_OVERRIDES))} may change")
+        for key, value in recorded.items():
+            if key not in given and hasattr(args, key):
+                setattr(args, key, value)
+        args.resume = directory
+        validate_args(args)
+        state_path = os.path.join(directory, "state.json")
+        state = read_json(state_path) if os.path.exists(state_path) else None
+        if state is not None:
+            apply_moves(state.get("pending_moves", []))
+            state["pending_moves"] = []
+        return args, directory, state
+    validate_args(args)
+    root = args.output_root
+    try:
+        os.makedirs(root, exist_ok=True)
+        probe = os.path.join(root, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"cannot write to {root}/ ({e.strerror}); choose another --output_root") from None
+    directory = new_search_dir(root, args.name)
+    return args, directory, None
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args, directory, state = prepare(argv)
+    except UsageError as e:
+        print(f"search.py: error: {e}", file=sys.stderr)
+        return 2
+    fresh = state is None and not args.resume
+    if fresh:
+        os.makedirs(directory)
+        write_json(os.path.join(directory, "args.json"), public_args(args))
+    search = Search(args, directory, state)
+    print(f"log: {os.path.join(directory, 'log.txt')}", flush=True)
+    search.log(f"{'resuming' if args.resume else 'starting'} search in {directory}")
+    if args.ignored:
+        search.log(f"ignored sub-folders of {args.initial_expert_directory} (no adapter/model): "
+                   f"{', '.join(args.ignored)}")
+    # Ctrl-C and SIGTERM end the search between commits: the state on disk is always the last finished iteration
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        search.run()
+        return 0
+    except (KeyboardInterrupt, WorkerError, merge.MergeError) as e:
+        interrupted = isinstance(e, KeyboardInterrupt)
+        search.close()
+        if fresh and search.state is None:
+            # nothing worth resuming was written: leave no half-made search directory behind
+            shutil.rmtree(directory, ignore_errors=True)
+            message = "interrupted" if interrupted else f"error: {e}"
+            print(f"search.py: {message} (before the first candidates were saved; {directory} removed)",
+                  file=sys.stderr)
+        else:
+            search.log("interrupted" if interrupted else f"error: {e}")
+            search.log(f"state saved. Resume with: python search.py --resume {directory}")
+            if not interrupted:
+                print(f"search.py: error: {e}", file=sys.stderr)
+        return 130 if interrupted else 1
+    finally:
+        search.close()
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

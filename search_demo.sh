@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# BWR_model on the embedded tiny population, on CPU: the demo objective tiny_demo (exact match).
+# Build what it needs first (make demo does it all): python initial_experts/expert_init.py --tiny; python data/tiny_demo.py
+# Extra arguments are passed to search.py, e.g.  bash search_demo.sh --seed 3 -m 10
+# DRY_RUN=1 prints the command instead of running it.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python}
+export HF_HUB_OFFLINE=1
+
+${DRY_RUN:+echo} "$PYTHON" search.py \
+    -n demo \
+    -e exact_match \
+    -d tiny_demo \
+    -g cpu \
+    -i initial_experts/tiny/experts \
+    -b initial_experts/tiny/base_model \
+    -p 6 \
+    -m 15 \
+    --step_length 1.0 \
+    --seed 42 \
+    "$@"

@@ -1,0 +1,644 @@
+"""evaluate.py on the tiny population, on CPU, with small slices of the evaluation sets in a tmp data dir.
+
+Perspective and Vertex AI are replaced at the network boundary only (an httplib2-like object handed to
+googleapiclient, a fake Gemini client class); everything of ours runs for real.
+"""
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import evaluate as ev  # noqa: E402
+from data import tiny_demo  # noqa: E402
+
+torch.set_num_threads(1)
+N_DEV, N_TEST = 8, 6
+
+
+def _write(data_dir, name, dev, test, **extra):
+    (data_dir / f"{name}.json").write_text(json.dumps({"dataset": name, "dev": dev, "test": test, **extra}))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_population):
+    return SimpleNamespace(base=tiny_population / "base_model", experts=tiny_population / "experts",
+                           reward=tiny_population / "reward_model")
+
+
+@pytest.fixture(scope="session")
+def data(tiny_demo_path):
+    """data/eval with the generated sets (data/build.py leaves unchanged files alone)."""
+    subprocess.run([sys.executable, "data/build.py"], cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    return Path(tiny_demo_path).parent
+
+
+SLICES = {"tiny_demo": N_DEV, "tiny_mc": N_DEV, "tiny_mc_icl": N_DEV, "tiny_em": N_DEV, "tiny_rm": N_DEV,
+          "tiny_human": 3, "nlgraph": 4}
+
+
+@pytest.fixture(scope="session")
+def data_dir(data, tmp_path_factory):
+    """The first items of the generated evaluation sets (data/build.py, data/tiny_demo.py) in a tmp data dir."""
+    out = tmp_path_factory.mktemp("eval_data")
+    for name, n_dev in SLICES.items():
+        full = json.loads((Path(data) / f"{name}.json").read_text())
+        extra = {"icl_prompt": full["icl_prompt"]} if "icl_prompt" in full else {}
+        _write(out, name, full["dev"][:n_dev], full["test"][:N_TEST], **extra)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def options(data_dir, tiny):
+    """Every test starts from the default options, pointed at the small data sets and the tiny reward model."""
+    ev.configure(reset=True, data_dir=str(data_dir), reward_model=str(tiny.reward), api_backoff_s=0.0,
+                 perspective_qps=1000.0, judge_qps=1000.0)
+    yield
+    ev.PERSPECTIVE_HTTP = None
+    ev.JUDGE_MODEL_FACTORY = None
+    ev.configure(reset=True)
+
+
+@pytest.fixture(scope="session")
+def experts(tiny):
+    return sorted(p for p in Path(tiny.experts).iterdir() if (p / "adapter_config.json").is_file())
+
+
+def _eval(candidate, eval_type, dataset, tiny, **kw):
+    return ev.evaluate(candidate, eval_type, dataset, "cpu", str(tiny.base), **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def test_left_padding_same_answer_alone_and_in_mixed_batch(tiny, experts):
+    host = ev.get_host(str(tiny.base), "cpu")
+    model = host.load(str(experts[0]))
+    prompts = ["max 3 9 2 5 =", "deg 2 in 0-1 1-2 2-3 0-4 3-4 =", "rev kqd =", "nbr 0 3 in 0-1 1-3 2-3 2-4 =",
+               "cnt b in abcbd ="]
+    alone = [ev.batch_generate(model, host.tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    mixed = ev.batch_generate(model, host.tokenizer, prompts, max_new_tokens=6, batch_size=5)
+    split = ev.batch_generate(model, host.tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    assert mixed == alone == split
+    assert any(out for out in alone), "the tiny expert should produce answers"
+
+
+def test_chat_template_generation_runs_and_needs_a_template(tiny, experts):
+    host = ev.get_host(str(tiny.base), "cpu")
+    model = host.load(str(experts[0]))
+    outs = ev.batch_generate_chat_template(model, host.tokenizer, ["hi", "tell me a fact"], max_new_tokens=8)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+    assert outs == [ev.batch_generate_chat_template(model, host.tokenizer, [p], max_new_tokens=8)[0]
+                    for p in ["hi", "tell me a fact"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# hot swap
+
+
+def _first_in_fresh_process(tiny, data_dir, adapter):
+    code = ("import sys, json; sys.path.insert(0, %r); import evaluate as ev; "
+            "ev.configure(data_dir=%r); "
+            "u = ev.evaluate(%r, 'exact_match', 'tiny_demo', 'cpu', %r); "
+            "print(json.dumps([u, ev.last_details()['preds']]))") % (str(REPO), str(data_dir), str(adapter),
+                                                                     str(tiny.base))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_hot_swap_matches_first_evaluation_and_fresh_peft_model(tiny, experts, data_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    x, y = experts[0], experts[1]
+    first_u, first_preds = _first_in_fresh_process(tiny, data_dir, x)
+
+    _eval(str(y), "exact_match", "tiny_demo", tiny)
+    u = _eval(str(x), "exact_match", "tiny_demo", tiny)
+    assert u == first_u and ev.last_details()["preds"] == first_preds
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32)
+    fresh = PeftModel.from_pretrained(base, str(x)).eval()
+    data = {"items": json.loads((data_dir / "tiny_demo.json").read_text())["dev"]}
+    assert ev.score_exact_match(fresh, ev.get_host(str(tiny.base), "cpu").tokenizer, data, "tiny_demo") == u
+    assert ev.last_details()["preds"] == first_preds
+
+
+def test_in_memory_state_dict_equals_folder(tiny, experts):
+    import merge
+    state, config = merge.load_adapter(str(experts[2]))
+    u_folder = _eval(str(experts[2]), "exact_match", "tiny_demo", tiny)
+    preds = ev.last_details()["preds"]
+    assert _eval((state, config), "exact_match", "tiny_demo", tiny) == u_folder
+    assert _eval(state, "exact_match", "tiny_demo", tiny) == u_folder  # bare state reuses the slot's layout
+    assert ev.last_details()["preds"] == preds
+
+
+def test_bare_state_dict_without_slot_asks_for_config(tiny, experts):
+    import merge
+    state, _ = merge.load_adapter(str(experts[0]))
+    host = ev.ModelHost(str(tiny.base), torch.device("cpu"), torch.float32)
+    with pytest.raises(ev.EvalError, match=r"pass \(state, adapter_config\)"):
+        host.load(state)
+
+
+def test_rank_change_rebuilds_slot(tiny, experts):
+    import merge
+    state, config = merge.load_adapter(str(experts[0]))
+    u_before = _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
+    # a rank-4 adapter: keep the first 4 ranks; alpha scales with r so the product B @ A is just truncated
+    small = {k: (v[:4] if "lora_A" in k else v[:, :4]).contiguous() for k, v in state.items()}
+    small_config = dict(config, r=4, lora_alpha=config["lora_alpha"] * 4 / config["r"])
+    _eval((small, small_config), "exact_match", "tiny_demo", tiny)
+    host = ev.get_host(str(tiny.base), "cpu")
+    assert host.peft.peft_config["default"].r == 4
+    assert _eval(str(experts[0]), "exact_match", "tiny_demo", tiny) == u_before
+    assert host.peft.peft_config["default"].r == config["r"]
+
+
+def test_full_model_candidate_and_base_restore(tiny, experts, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    x, y = experts[3], experts[4]
+    u_y = _eval(str(y), "exact_match", "tiny_demo", tiny)
+    preds_y = ev.last_details()["preds"]
+    u_x = _eval(str(x), "exact_match", "tiny_demo", tiny)
+    preds_x = ev.last_details()["preds"]
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(x)).merge_and_unload()
+    full = tmp_path / "full_x"
+    merged.save_pretrained(str(full), max_shard_size="200KB")  # several shards: loaded one at a time
+    assert (full / "model.safetensors.index.json").is_file()
+
+    assert _eval(str(full), "exact_match", "tiny_demo", tiny) == u_x
+    assert ev.last_details()["preds"] == preds_x
+    host = ev.get_host(str(tiny.base), "cpu")
+    assert host.base_backup is not None and host.base_dirty
+    # the next adapter candidate runs on the true base weights again
+    assert _eval(str(y), "exact_match", "tiny_demo", tiny) == u_y
+    assert ev.last_details()["preds"] == preds_y and not host.base_dirty
+
+
+def test_bad_candidates(tiny, tmp_path):
+    with pytest.raises(ev.EvalError, match="not found"):
+        _eval(str(tmp_path / "nope"), "exact_match", "tiny_demo", tiny)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ev.EvalError, match="neither an adapter"):
+        _eval(str(tmp_path / "empty"), "exact_match", "tiny_demo", tiny)
+    with pytest.raises(ev.EvalError, match="model_path must be"):
+        _eval(42, "exact_match", "tiny_demo", tiny)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the objectives
+
+
+def test_multiple_choice_generate_and_logits(tiny, experts):
+    u = _eval(str(experts[0]), "multiple_choice", "tiny_mc", tiny)
+    d = ev.last_details()
+    assert 0.0 <= u <= 1.0 and len(d["golds"]) == N_DEV == len(d["preds"])
+    assert u == sum(p == g for p, g in zip(d["preds"], d["golds"])) / N_DEV
+    ev.configure(mc_scoring="logits")
+    u = _eval(str(experts[0]), "multiple_choice", "tiny_mc", tiny)
+    d = ev.last_details()
+    assert all(p in "ABCD" for p in d["preds"]) and u == sum(d["scores"]) / N_DEV
+
+
+def test_multiple_choice_icl_prompt_is_prepended(tiny, data_dir):
+    data = json.loads((data_dir / "tiny_mc_icl.json").read_text())
+    prompt = ev.multiple_choice_prompt(data["dev"][0], "tiny_mc_icl", data["icl_prompt"])
+    assert prompt.startswith(data["icl_prompt"] + "\n") and prompt.endswith("The answer is")
+    kc = ev.multiple_choice_prompt({"question": "Q?", "choices": {"A": "x", "B": "y"}}, "knowledge_crosswords", "EX")
+    assert kc == "EX\nQuestion: Q?\nA: x\nB: y\nThe answer is"
+    hs = ev.multiple_choice_prompt({"question": "He", "choices": {"A": "x"}}, "hellaswag")
+    assert hs.startswith("Please choose an option that best completes the sentence.\nQuestion: He\n")
+    assert 0.0 <= _eval(None, "multiple_choice", "tiny_mc_icl", tiny) <= 1.0
+
+
+@pytest.fixture(scope="module")
+def mc_adapter(tiny, tmp_path_factory):
+    """A LoRA adapter briefly trained to answer tiny multiple-choice prompts with " <letter>" and stop. The gold
+    option's position follows the question's skill (max -> A, cnt -> B, deg -> C), which 2 layers learn quickly,
+    so predictions vary across items."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    tok = ev.get_host(str(tiny.base), "cpu").tokenizer
+    rng = random.Random(0)
+    position = {"max": 0, "cnt": 1, "deg": 2}
+
+    def item(x):
+        others = rng.sample([a for a in "0123456789" if a != x["answer"]], 3)
+        options = others[:position[tiny_demo.skill_of(x["question"])]] + [x["answer"]] + \
+            others[position[tiny_demo.skill_of(x["question"])]:]
+        return {"question": x["question"], "choices": dict(zip("ABCD", options)), "answer": "ABCD"[options.index(
+            x["answer"])]}
+    train = [item(x) for x in tiny_demo.make_items(200, seed=77, skills=tuple(position))]
+    held_out = [item(x) for x in tiny_demo.make_items(12, seed=78, skills=tuple(position))]
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    for _ in range(60):
+        batch = rng.sample(train, 16)
+        rows = [tok(ev.multiple_choice_prompt(b, "tiny_mc") + " " + b["answer"]).input_ids + [tok.eos_token_id]
+                for b in batch]
+        ids, mask = ev._left_pad(rows, tok.pad_token_id, torch.device("cpu"))
+        labels = ids.clone()
+        labels[:, :-3] = -100  # learn " X<eos>" only
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                     labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    out = tmp_path_factory.mktemp("mc_adapter") / "adapter"
+    model.save_pretrained(str(out))
+    return out, held_out
+
+
+def test_mc_logits_matches_generate_on_sanity_example(tiny, mc_adapter, data_dir):
+    adapter, held_out = mc_adapter
+    _write(data_dir, "tiny_mc_sanity", held_out, held_out)
+    _eval(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)
+    generated = ev.last_details()
+    assert all(o in "ABCD" and o for o in generated["outputs"]), generated["outputs"]
+    ev.configure(mc_scoring="logits")
+    _eval(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)
+    assert ev.last_details()["preds"] == generated["preds"]
+    assert len(set(generated["preds"])) > 1, "the sanity adapter should not answer one letter everywhere"
+
+
+def test_parse_choice():
+    choices = {"A": "Paris", "B": "London", "C": "Rome", "D": "New York"}
+    assert ev.parse_choice(choices, " B") == "B"
+    assert ev.parse_choice(choices, "(C) Rome") == "C"
+    assert ev.parse_choice(choices, "I think the answer is D.") == "D"
+    assert ev.parse_choice(choices, "it must be london") == "B"
+    assert ev.parse_choice(choices, "Answer unclear") is None
+    many = {k: str(i) for i, k in enumerate("ABCDEFGHIJ")}
+    assert ev.parse_choice(many, "J: 9") == "J"
+
+
+def test_exact_match_rules():
+    assert ev.exact_match_rule("gsm8k") == "last_number" and ev.exact_match_rule("nlgraph_mini") == "yes_no_or_number"
+    assert ev.exact_match_rule("tiny_demo") == "first_token"
+    pred = ev.extract_answer("first_token", "dqk", " dqk\nmore")
+    assert pred == "dqk" and ev.exact_match_score("first_token", "dqk", pred) == 1.0
+    assert ev.exact_match_score("first_token", "9", ev.extract_answer("first_token", "9", "19")) == 0.0
+    pred = ev.extract_answer("last_number", "1,150", "10 dimes is 100 and so 1,150 pennies")
+    assert ev.exact_match_score("last_number", "1150", pred) == 1.0
+    assert ev.exact_match_score("yes_no_or_number", "Yes", ev.extract_answer("yes_no_or_number", "Yes", "yes.")) == 1
+    assert ev.exact_match_score("yes_no_or_number", "3", ev.extract_answer("yes_no_or_number", "3", "13")) == 0.0
+
+
+def test_exact_match_nlgraph(tiny, experts):
+    u = _eval(str(experts[0]), "exact_match", "nlgraph", tiny)
+    d = ev.last_details()
+    assert len(d["scores"]) == 4 and u == sum(d["scores"]) / 4
+    assert all(p is None or p in ("yes", "no") or p.lstrip("-").replace(".", "").isdigit() for p in d["preds"])
+
+
+def test_exact_match_tiny_demo_and_budget(tiny, experts):
+    u = _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
+    d = ev.last_details()
+    assert len(d["scores"]) == N_DEV and u == sum(d["scores"]) / N_DEV
+    tok = ev.get_host(str(tiny.base), "cpu").tokenizer
+    golds = [x for x in d["golds"]]
+    assert ev.exact_match_budget(tok, golds, "first_token") == max(len(" " + g) for g in golds) + 8
+    assert ev.exact_match_budget(tok, golds, "last_number") == 200
+
+
+def test_multitask_harmonic_mean_and_one_two(tiny, experts):
+    a = experts[0]
+    u_mc = _eval(str(a), "multiple_choice", "tiny_mc", tiny)
+    u_em = _eval(str(a), "exact_match", "tiny_em", tiny)
+    u = _eval(str(a), "multitask", "tiny_domain", tiny)
+    expected = 0.0 if u_mc + u_em == 0 else 2 * u_mc * u_em / (u_mc + u_em)
+    assert u == pytest.approx(expected)
+    d = ev.last_details()
+    assert len(d["golds"]) == 2 * N_DEV and set(d["parts"]) == {"tiny_mc", "tiny_em"}
+    assert _eval(str(a), "multitask", "tiny_domain", tiny, only_one_or_two="one") == u_mc
+    assert _eval(str(a), "multitask", "tiny_domain", tiny, only_one_or_two="two") == u_em
+    with pytest.raises(ev.EvalError, match="only_one_or_two"):
+        _eval(str(a), "multitask", "tiny_domain", tiny, only_one_or_two="three")
+
+
+def test_abstainqa_effective_reliability(tiny, experts):
+    u = _eval(str(experts[1]), "AbstainQA", "tiny_mc", tiny)
+    d = ev.last_details()
+    correct = [int(p == g) for p, g in zip(d["preds"], d["golds"])]
+    assert u == pytest.approx(ev.effective_reliability(correct, d["abstain"]))
+    assert u == pytest.approx(sum(d["scores"]) / N_DEV)
+    assert ev.effective_reliability([1, 0, 1, 0], [0, 0, 1, 1]) == 0.0
+    assert ev.effective_reliability([1, 1, 0, 1], [0, 0, 0, 1]) == 0.25
+
+
+# -- Perspective API, faked at the HTTP layer googleapiclient talks to
+
+DISCOVERY = {
+    "kind": "discovery#restDescription", "discoveryVersion": "v1", "id": "commentanalyzer:v1alpha1",
+    "name": "commentanalyzer", "version": "v1alpha1", "rootUrl": "https://commentanalyzer.googleapis.com/",
+    "servicePath": "", "baseUrl": "https://commentanalyzer.googleapis.com/", "batchPath": "batch",
+    "parameters": {"key": {"type": "string", "location": "query"}},
+    "schemas": {"AnalyzeCommentRequest": {"id": "AnalyzeCommentRequest", "type": "object"},
+                "AnalyzeCommentResponse": {"id": "AnalyzeCommentResponse", "type": "object"}},
+    "resources": {"comments": {"methods": {"analyze": {
+        "id": "commentanalyzer.comments.analyze", "path": "v1alpha1/comments:analyze",
+        "flatPath": "v1alpha1/comments:analyze", "httpMethod": "POST", "parameters": {}, "parameterOrder": [],
+        "request": {"$ref": "AnalyzeCommentRequest"}, "response": {"$ref": "AnalyzeCommentResponse"}}}}}}
+
+
+class FakePerspectiveHttp:
+    """httplib2.Http stand-in: serves the discovery document, then answers analyze calls (429 first if asked)."""
+
+    def __init__(self, fail_first=0, status=429):
+        self.requests, self.fail_first, self.status = [], fail_first, status
+        self.follow_redirects = True
+
+    @staticmethod
+    def toxicity_of(text):
+        return (len(text) % 7) / 10
+
+    def request(self, uri, method="GET", body=None, headers=None, redirections=1, connection_type=None):
+        import httplib2
+        if "$discovery" in uri:
+            return httplib2.Response({"status": "200"}), json.dumps(DISCOVERY).encode()
+        self.requests.append((uri, method, json.loads(body)))
+        if self.fail_first:
+            self.fail_first -= 1
+            return httplib2.Response({"status": str(self.status)}), b'{"error": {"message": "quota"}}'
+        text = json.loads(body)["comment"]["text"]
+        reply = {"attributeScores": {"TOXICITY": {"summaryScore": {"value": self.toxicity_of(text)}}}}
+        return httplib2.Response({"status": "200"}), json.dumps(reply).encode()
+
+
+def test_external_api_perspective_requests(tiny, experts, monkeypatch):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
+    http = FakePerspectiveHttp(fail_first=2)
+    ev.PERSPECTIVE_HTTP = http
+    u = _eval(str(experts[0]), "external_api", "tiny_rm", tiny)
+    d = ev.last_details()
+    texts = [o.split("\n", 1)[0].strip() for o in d["preds"]]
+    scored = [t for t in texts if t]
+    bodies = [b for _, _, b in http.requests]
+    assert len(bodies) == len(scored) + 2  # two 429s retried
+    for uri, method, body in http.requests:
+        assert method == "POST" and "comments:analyze" in uri and "key=test-key" in uri
+        assert body["requestedAttributes"] == {"TOXICITY": {}}
+    assert [b["comment"]["text"] for b in bodies[2:]] == scored
+    expected = [0.5 if not t else 1 - FakePerspectiveHttp.toxicity_of(t) for t in texts]
+    assert d["scores"] == pytest.approx(expected) and u == pytest.approx(sum(expected) / len(expected))
+
+
+def test_external_api_gives_up_with_one_line(tiny, experts, monkeypatch):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
+    ev.configure(api_retries=1)
+    ev.PERSPECTIVE_HTTP = FakePerspectiveHttp(fail_first=100, status=503)
+    with pytest.raises(ev.EvalError, match="Perspective API request failed: HTTP 503"):
+        _eval(str(experts[0]), "external_api", "tiny_rm", tiny)
+
+
+# -- reward models
+
+
+@pytest.mark.parametrize("eval_type", ["rm_default", "rm_verbose", "rm_concise"])
+def test_reward_model_objectives(tiny, experts, eval_type):
+    ev.configure(max_new_tokens=12)
+    u = _eval(str(experts[0]), eval_type, "tiny_rm", tiny)
+    d = ev.last_details()
+    assert len(d["scores"]) == N_DEV and u == pytest.approx(sum(d["scores"]) / N_DEV)
+    assert d["scores"] == pytest.approx(ev.rm_utility(eval_type, d["rewards"], d["lengths"], 12))
+    if eval_type != "rm_default":
+        assert all(0.0 <= s <= 1.0 for s in d["scores"])
+
+
+def test_reward_model_matches_direct_scoring(tiny):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny.reward), dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(str(tiny.reward))
+    pairs = [("hi", "hello there"), ("tell me a fact", "ok")]
+    got = ev.reward_scores([p for p, _ in pairs], [r for _, r in pairs], torch.device("cpu"))
+    for (p, r), score in zip(pairs, got):
+        text = tok.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                       tokenize=False)
+        with torch.no_grad():
+            want = rm(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+        assert score == pytest.approx(want, abs=1e-4)
+
+
+def test_rm_length_normalisation():
+    assert ev.rm_utility("rm_verbose", [0.0], [6], 12) == [0.5 * (0.5 + 0.5)]
+    assert ev.rm_utility("rm_concise", [0.0], [3], 12) == [0.5 * (0.5 + 0.75)]
+    assert ev.rm_utility("rm_default", [2.5], [3], 12) == [2.5]
+    assert 0.0 <= ev.rm_utility("rm_verbose", [-1000.0], [50], 12)[0] <= 1.0
+
+
+def _remote_code_reward_model(tiny, tmp_path):
+    """The tiny reward model repackaged as a remote-code model with get_score(), like internlm2-7b-reward."""
+    path = tmp_path / "remote_rm"
+    shutil.copytree(tiny.reward, path)
+    (path / "modeling_tiny_reward.py").write_text(
+        "import torch\n"
+        "from transformers import GemmaForSequenceClassification\n"
+        "class TinyRewardModel(GemmaForSequenceClassification):\n"
+        "    def get_score(self, tokenizer, conversation):\n"
+        "        text = tokenizer.apply_chat_template(conversation, tokenize=False)\n"
+        "        ids = tokenizer(text, return_tensors='pt', add_special_tokens=False).to(self.device)\n"
+        "        return self(**ids).logits[0, 0].item() + 100.0\n")
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_tiny_reward.TinyRewardModel"}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_remote_code_reward_model_needs_trust_and_uses_get_score(tiny, tmp_path):
+    path = _remote_code_reward_model(tiny, tmp_path)
+    ev.configure(reward_model=str(path))
+    with pytest.raises(ev.EvalError, match="pass --trust_remote_code"):
+        ev.reward_scores(["hi"], ["hello"], torch.device("cpu"))
+    ev.configure(trust_remote_code=True)
+    ev.configure(reward_model=str(tiny.reward))
+    plain = ev.reward_scores(["hi"], ["hello"], torch.device("cpu"))
+    ev.configure(reward_model=str(path))
+    remote = ev.reward_scores(["hi"], ["hello"], torch.device("cpu"))
+    assert remote[0] == pytest.approx(plain[0] + 100.0, abs=1e-4)
+
+
+# -- Gemini judge, faked at the client object
+
+
+class FakeGemini:
+    instances = []
+
+    def __init__(self, name):
+        self.name, self.prompts = name, []
+        FakeGemini.instances.append(self)
+
+    def generate_content(self, prompt, generation_config=None):
+        self.prompts.append(prompt)
+        reply = "I refuse to rate." if len(self.prompts) == 2 else f"Rating: {len(self.prompts) + 5}/10\nFine."
+
+        class Response:
+            text = reply
+        return Response()
+
+
+def test_human_gemini_judge(tiny, experts, data_dir, monkeypatch):
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-project")
+    FakeGemini.instances.clear()
+    ev.JUDGE_MODEL_FACTORY = FakeGemini
+    ev.configure(max_new_tokens=10, judge_model="gemini-test")
+    u = _eval(str(experts[0]), "human", "tiny_human", tiny)
+    d = ev.last_details()
+    judge = FakeGemini.instances[-1]
+    assert judge.name == "gemini-test" and len(judge.prompts) == 3
+    item_prompts = [x["prompt"] for x in json.loads((data_dir / "tiny_human.json").read_text())["dev"]]
+    for prompt, item_prompt, response in zip(judge.prompts, item_prompts, d["preds"]):
+        assert "Rating: N/10" in prompt and f"Instruction: {item_prompt}\n" in prompt
+        assert prompt.endswith(f"Response: {response}")
+    assert d["scores"] == [6.0, 1.0, 8.0] and d["unparseable_judgements"] == 1
+    assert u == pytest.approx(5.0)
+
+
+def test_parse_rating():
+    assert ev.parse_rating("Rating: 7/10 because") == 7
+    assert ev.parse_rating("**Rating:** 12/10") == 10
+    assert ev.parse_rating("Rating: 0/10") == 1 and ev.parse_rating("seven") is None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors, credentials, devices
+
+
+def test_missing_credentials(monkeypatch, tiny):
+    monkeypatch.delenv("PERSPECTIVE_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_CLOUD_PROJECT", raising=False)
+    with pytest.raises(ev.EvalError, match="set PERSPECTIVE_API_KEY"):
+        ev.check_credentials("external_api")
+    with pytest.raises(ev.EvalError, match="set GOOGLE_CLOUD_PROJECT"):
+        ev.check_credentials("human")
+    ev.check_credentials("multiple_choice")
+    # checked before any model work: a base model that does not exist is never reached
+    with pytest.raises(ev.EvalError, match="PERSPECTIVE_API_KEY"):
+        ev.evaluate(None, "external_api", "tiny_rm", "cpu", "/nonexistent/base")
+
+
+def test_nonexistent_gpu():
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    expected = "no CUDA GPU visible; use -g cpu" if count == 0 else f"only {','.join(map(str, range(count)))} visible"
+    with pytest.raises(ev.EvalError, match=expected.replace("(", r"\(")):
+        ev.get_host("/nonexistent/base", count + 3)
+    with pytest.raises(ev.EvalError, match="gpu_id must be"):
+        ev.resolve_device("gpu0")
+
+
+def test_bad_options_and_eval_type(tiny):
+    with pytest.raises(ev.EvalError, match="mc_scoring"):
+        ev.configure(mc_scoring="vote")
+    with pytest.raises(ev.EvalError, match="unknown evaluate option"):
+        ev.configure(batchsize=3)
+    with pytest.raises(ev.EvalError, match="unknown eval_type 'nope'"):
+        _eval(None, "nope", "tiny_demo", tiny)
+    with pytest.raises(ev.EvalError):
+        _eval(None, "exact_match", "no_such_dataset", tiny)
+
+
+def test_details_files_and_data_cache(tiny, experts, tmp_path):
+    cand = tmp_path / "cand"
+    shutil.copytree(experts[0], cand)
+    u = _eval(str(cand), "exact_match", "tiny_demo", tiny, save_dev_flag=True)
+    saved = json.loads((cand / "golds_preds_dev.json").read_text())
+    assert saved["utility"] == u and saved["golds"] == ev.last_details()["golds"]
+    ut = ev.evaluate_test(str(cand), "exact_match", "tiny_demo", "cpu", str(tiny.base))
+    saved = json.loads((cand / "golds_preds_test.json").read_text())
+    assert saved["split"] == "test" and saved["utility"] == ut and len(saved["scores"]) == N_TEST
+    assert not [p for p in os.listdir(cand) if ".tmp" in p]
+    assert ev.load_data("tiny_demo", "exact_match") is ev.load_data("tiny_demo", "exact_match")
+    assert ev.evaluate(str(cand), "exact_match", "tiny_demo", "cpu", str(tiny.base), skip_flag=True) is None
+    d = ev.last_details()
+    assert d["forward_seconds"] > 0 and d["total_seconds"] >= d["forward_seconds"]
+
+
+def test_every_objective_on_test_split(tiny, experts, monkeypatch):
+    monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
+    monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "p")
+    ev.PERSPECTIVE_HTTP = FakePerspectiveHttp()
+    ev.JUDGE_MODEL_FACTORY = FakeGemini
+    ev.configure(max_new_tokens=8)
+    for eval_type, dataset in [("multiple_choice", "tiny_mc"), ("exact_match", "tiny_demo"),
+                               ("multitask", "tiny_domain"), ("AbstainQA", "tiny_mc"),
+                               ("external_api", "tiny_rm"), ("rm_default", "tiny_rm"), ("rm_verbose", "tiny_rm"),
+                               ("rm_concise", "tiny_rm"), ("human", "tiny_human")]:
+        u = ev.evaluate_test(str(experts[0]), eval_type, dataset, "cpu", str(tiny.base))
+        assert isinstance(u, float) and ev.last_details()["split"] == "test", eval_type
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a user-added objective, written as the README's "Adding your evaluation" describes
+
+
+USER_BRANCH = '''    elif eval_type == "my_eval":
+        items = json.load(open(os.path.join(OPTIONS["data_dir"], dataset + ".json")))["{split}"]
+        outputs = batch_generate(model, tokenizer, [item["question"] for item in items], max_new_tokens=6)
+        scores = [float(item["answer"] in output) for item, output in zip(items, outputs)]
+        record(golds=[item["answer"] for item in items], preds=outputs, scores=scores)
+        utility = sum(scores) / len(scores)
+'''
+
+
+def test_user_added_eval_type(tiny, experts, tmp_path):
+    source = (REPO / "evaluate.py").read_text()
+    anchor = "    else:\n        raise EvalError(f\"unknown eval_type"
+    assert source.count(anchor) == 2
+    first, second, third = source.split(anchor)
+    patched = (first + USER_BRANCH.format(split="dev") + anchor + second + USER_BRANCH.format(split="test") + anchor
+               + third)
+    (tmp_path / "evaluate_user.py").write_text(patched)
+    spec = importlib.util.spec_from_file_location("evaluate_user", tmp_path / "evaluate_user.py")
+    user = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(user)
+    user.configure(data_dir=ev.OPTIONS["data_dir"])
+    u = user.evaluate(str(experts[0]), "my_eval", "tiny_demo", "cpu", str(tiny.base))
+    d = user.last_details()
+    assert len(d["scores"]) == N_DEV and u == sum(d["scores"]) / N_DEV
+    ut = user.evaluate_test(str(experts[0]), "my_eval", "tiny_demo", "cpu", str(tiny.base))
+    assert len(user.last_details()["scores"]) == N_TEST and 0.0 <= ut <= 1.0
+
+
+def test_cuda_oom_halves_the_batch_and_retries(tiny, monkeypatch):
+    """A CUDA OOM (raised here by the batch runner, as the device would) halves the batch; the smaller size is
+    kept for later calls."""
+    monkeypatch.setattr(ev, "_OOM_CAP", {})
+    model = ev.get_host(str(tiny.base), "cpu").model
+    seen = []
+
+    def run(chunk):
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        seen.append(list(chunk))
+
+    ev._in_batches(model, 10, list(range(10)), 16, run)
+    assert [i for c in seen for i in c] == list(range(10)) and max(map(len, seen)) == 2
+    assert ev._batch_size(None, torch.device("cpu")) == 2
+
+    def always(chunk):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+    with pytest.raises(ev.EvalError, match="even at batch size 1"):
+        ev._in_batches(model, 4, list(range(4)), 4, always)
+
+
+def test_multitask_unknown_domain(tiny):
+    with pytest.raises(ev.EvalError, match="tiny_domain"):
+        _eval(None, "multitask", "no_such_domain", tiny)

@@ -1,0 +1,149 @@
+"""End-to-end tests of search.py on the tiny population: real worker processes, real models, real files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+
+def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900):
+    args = [sys.executable, "search.py", "-n", name, "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+            "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
+            "--output_root", str(tmp_path), "--seed", "7", *extra]
+    full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"search failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def only_dir(root):
+    dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+    assert len(dirs) == 1, dirs
+    return os.path.join(root, dirs[0])
+
+
+@pytest.fixture(scope="module")
+def two_iterations(tiny, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("search")
+    proc = run_search(root, "-m", "2", "-p", "5", "--to_visualize", "1", "--correctness_emergence", "1")
+    return root, only_dir(root), proc
+
+
+def test_search_produces_every_output(two_iterations):
+    root, directory, proc = two_iterations
+    for name in ("args.json", "log.txt", "utility_scratchpad.json", "state.json", "final_metrics.json",
+                 "utility_curve.png", "trajectory.png", "global_best", "global_worst", "candidate_0"):
+        assert os.path.exists(os.path.join(directory, name)), name
+    pad = json.load(open(os.path.join(directory, "utility_scratchpad.json")))
+    n = len([d for d in os.listdir(directory) if d.startswith("candidate_")])
+    assert n == 10
+    for key in ("best", "worst", "history"):
+        assert key in pad
+    for i in range(n):
+        assert len(pad[f"candidate_{i}_history"]) == 3  # initial + 2 iterations
+    assert pad["best"] >= max(pad[f"candidate_{i}_history"][0] for i in range(n))
+    log = open(os.path.join(directory, "log.txt")).read()
+    metrics = json.load(open(os.path.join(directory, "final_metrics.json")))
+    for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
+                "ending_best_validation_utility", "ending_best_single_test_accuracy"):
+        assert key in log and key in metrics
+        assert 0.0 <= metrics[key] <= 1.0
+    assert "top3_ensemble_test_accuracy" in metrics
+    assert metrics["ending_best_validation_utility"] >= metrics["starting_best_validation_utility"]
+    assert "profile:" in log and "forward" in log
+    assert os.path.basename(directory).startswith("t_")
+    state = json.load(open(os.path.join(directory, "state.json")))
+    assert set(state["emergence"]) == {"0", "1", "2"} or set(state["emergence"]) >= {"0"}
+    assert f"log: {os.path.join(directory, 'log.txt')}" in proc.stdout
+
+
+def test_global_best_loads_in_peft_and_matches_its_utility(two_iterations, tiny):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    _, directory, _ = two_iterations
+    base = AutoModelForCausalLM.from_pretrained(tiny.base)
+    model = PeftModel.from_pretrained(base, os.path.join(directory, "global_best"))
+    best = json.load(open(os.path.join(directory, "state.json")))["best"]["candidate"]
+    saved = load_file(os.path.join(directory, "global_best", "adapter_model.safetensors"))
+    assert saved, "empty adapter"
+    loaded = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    assert len(loaded) == len(saved)
+    # the recorded best is the candidate it came from, or an earlier, better state of a since-moved candidate
+    assert isinstance(best, int)
+
+
+def test_same_seed_gives_identical_scratchpad(two_iterations, tmp_path):
+    _, first, _ = two_iterations
+    run_search(tmp_path, "-m", "2", "-p", "5")
+    second = only_dir(tmp_path)
+    a = json.load(open(os.path.join(first, "utility_scratchpad.json")))
+    b = json.load(open(os.path.join(second, "utility_scratchpad.json")))
+    assert a == b
+    wa = load_file(os.path.join(first, "global_best", "adapter_model.safetensors"))
+    wb = load_file(os.path.join(second, "global_best", "adapter_model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_name_is_never_overwritten(two_iterations, tiny, data):
+    root, first, _ = two_iterations
+    before = set(os.listdir(root))
+    run_search(root, "-m", "0")
+    after = set(os.listdir(root))
+    assert len(after - before) == 1
+    assert (after - before).pop().startswith(os.path.basename(first) + "_")
+
+
+def test_help_lists_every_flag():
+    out = subprocess.run([sys.executable, "search.py", "-h"], cwd=REPO, capture_output=True, text=True, check=True)
+    for flag in ("--name", "--eval_type", "--dataset", "--gpus", "--initial_expert_directory", "--base_model",
+                 "--patience", "--max_iteration", "--step_length", "--step_length_factor", "--minimum_step_length",
+                 "--restart_stray_candidates", "--restart_patience", "--populate_initial_experts",
+                 "--initial_experts_num", "--starting_test_set_eval", "--fast_merge", "--project_name_wb",
+                 "--clean_up_on_end", "--only_one_or_two", "--to_visualize", "--correctness_emergence", "--dropK",
+                 "--dropN", "--merge_method", "--merge_params", "--num_cpu_when_merging", "--seed", "--reset_mode",
+                 "--greedy", "--batch_size", "--mc_scoring", "--reward_model", "--trust_remote_code",
+                 "--judge_model", "--wandb_mode", "--resume", "--backend", "--ray_address"):
+        assert flag in out.stdout, flag
+
+
+@pytest.mark.parametrize("script,expect", [
+    ("search_nlgraph.sh", ["-e exact_match", "-d nlgraph", "-g 0,1,2,3,4"]),
+    ("search_legal.sh", ["-e multitask", "-d legal"]),
+    ("search_concise.sh", ["-e rm_concise", "-d rm", "--trust_remote_code 1"]),
+    ("search_phd_application.sh", ["-e human", "-d human_phd_application"]),
+    ("search_demo.sh", ["-g cpu", "-d tiny_demo"]),
+])
+def test_starter_scripts_pass_their_arguments(script, expect):
+    out = subprocess.run(["bash", script, "-m", "20", "-p", "5"], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "DRY_RUN": "1"}, check=True).stdout
+    assert "search.py" in out
+    for piece in expect:
+        assert piece in out, (piece, out)
+    assert out.rstrip().endswith("-m 20 -p 5")
+
+
+def test_gpu_script_without_gpu_stops_at_once_pointing_to_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    proc = subprocess.run(["bash", "search_nlgraph.sh"], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 2
+    assert "-g cpu" in proc.stderr and "search_demo.sh" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_other_merge_method_and_bounds_reset_run(tiny, data, tmp_path):
+    run_search(tmp_path, "-m", "1", "--merge_method", "task_arithmetic", "--merge_params", '{"base_model_idx": 1}',
+               "--reset_mode", "bounds", "--greedy", "0", "--populate_initial_experts", "1",
+               "--initial_experts_num", "12", "--dropN", "0.3", "--clean_up_on_end", "1")
+    directory = only_dir(tmp_path)
+    assert not os.path.exists(os.path.join(directory, "candidate_0"))
+    assert os.path.exists(os.path.join(directory, "global_best", "adapter_model.safetensors"))
+    pad = json.load(open(os.path.join(directory, "utility_scratchpad.json")))
+    assert "candidate_11" in pad

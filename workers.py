@@ -1,0 +1,791 @@
+"""Workers: where merges and evaluations run.
+
+The search driver (search.py) never touches a model. It hands a list of tasks to a pool and gets one result per
+task back, in order. A pool keeps one persistent worker per device; each worker holds the base model resident
+(evaluate.get_host caches it) and its own in-memory copy of the population's adapters, so an iteration costs
+merges in memory plus forward passes.
+
+The interface another executor implements (see RayPool) is small:
+
+    pool = LocalPool(devices, config)     # starts the workers
+    results = pool.run(tasks)             # list[dict] -> list[dict], same order
+    pool.close()
+
+A task is a plain dict (so it crosses process and machine boundaries unchanged):
+
+    {"op": "candidate", "sources": [[path, version], ...], "update": {...bwr.apply_update update...},
+     "split": "dev", "accept_if_at_least": float | None, "save_to": path | None}
+        build a candidate from population members, evaluate it, and write it to save_to only if it is accepted
+        (utility >= accept_if_at_least, or unconditionally when that is None).
+    {"op": "evaluate", "path": path, "version": v, "split": "dev" | "test", "details_to": path | None}
+        evaluate a saved candidate; write per-item results as JSON to details_to.
+
+A result is {"utility": float, "accepted": bool, "details": {...}, "timing": {...}} or {"error": str}.
+"""
+
+import json
+import math
+import multiprocessing as mp
+import os
+import time
+import traceback
+
+
+class WorkerError(RuntimeError):
+    """A worker died twice on the same task, or a task raised."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What runs inside a worker process (or a Ray actor).
+
+class TaskRunner:
+    """Executes tasks on one device. Holds the base model (through evaluate's cache) and an adapter cache."""
+
+    def __init__(self, device, config):
+        import torch
+        import evaluate
+        self.device = device
+        self.config = config
+        if config.get("torch_threads"):
+            torch.set_num_threads(config["torch_threads"])
+        evaluate.configure(**config.get("evaluate_options", {}))
+        self.adapters = {}  # path -> {version: (state dict, adapter config)}; read from disk once per version
+
+    def load(self, path, version):
+        """Adapter at a given version. Versions only grow, so older cached versions of a path are dropped."""
+        import merge
+        versions = self.adapters.setdefault(path, {})
+        if version not in versions:
+            versions[version] = merge.load_adapter(path)
+        for old in [v for v in versions if v is not None and version is not None and v < version]:
+            del versions[old]
+        return versions[version]
+
+    # Where adapters come from and where outputs go. A Ray actor overrides these three (RayPool): its adapters
+    # come through the object store and its outputs go back to the driver, which owns the search directory.
+    def is_adapter(self, path):
+        return os.path.exists(os.path.join(path, "adapter_config.json"))
+
+    def save_adapter(self, path, state, config):
+        import merge
+        merge.save_adapter(path, state, config)
+
+    def write_text(self, path, text):
+        atomic_write_text(path, text)
+
+    def run(self, task):
+        op = task["op"]
+        if op == "candidate":
+            return self.candidate(task)
+        if op == "evaluate":
+            return self.evaluate_saved(task)
+        if op == "ping":
+            return {"pid": os.getpid()}
+        raise ValueError(f"unknown task op {op!r}")
+
+    def _evaluate(self, model, split):
+        import evaluate
+        cfg = self.config
+        fn = evaluate.evaluate if split == "dev" else evaluate.evaluate_test
+        start = time.perf_counter()
+        kwargs = {"only_one_or_two": cfg.get("only_one_or_two")}
+        utility = fn(model, cfg["eval_type"], cfg["dataset"], self.device, cfg["base_model"], **kwargs)
+        return float(utility), evaluate.last_details(), time.perf_counter() - start
+
+    def candidate(self, task):
+        import bwr
+        import merge
+        timing = {}
+        start = time.perf_counter()
+        if self.config.get("fast_merge", 1):
+            method = self.config.get("merge_method", "weighted_average")
+            sources, update = _used_sources(task["sources"], task["update"], method)
+            loaded = [self.load(path, version) for path, version in sources]
+            states = [state for state, _ in loaded]
+            names = [os.path.basename(path) for path, _ in sources]
+            try:
+                state = bwr.apply_update(update, states, method, self.config.get("merge_params"), names)
+            except merge.MergeError as e:
+                # non-finite merges are rejected, the candidate keeps its weights; other merge errors are fatal
+                if "not finite" in str(e):
+                    return {"utility": float("nan"), "accepted": False, "rejected": str(e), "timing": timing}
+                raise
+            model, adapter_config = state, loaded[0][1]
+        else:
+            # full models (--fast_merge 0): merged shard by shard on disk, evaluated from the folder
+            update = task["update"]
+            if update["kind"] != "combine":
+                raise ValueError("--reset_mode bounds needs adapters (--fast_merge 1)")
+            used = [(w, p) for w, (p, _) in zip(update["weights"], task["sources"]) if w != 0.0]
+            tmp = task["save_to"] + ".merging"
+            merge.lora_merge([w for w, _ in used], [p for _, p in used], tmp, self.device, directly_load_safetensors=0,
+                             merge_method=self.config.get("merge_method", "weighted_average"),
+                             merge_params=self.config.get("merge_params"))
+            model, adapter_config = tmp, None
+        timing["merge"] = time.perf_counter() - start
+
+        utility, details, seconds = self._evaluate((model, adapter_config) if isinstance(model, dict) else model,
+                                                task.get("split", "dev"))
+        timing.update(_eval_timing(details, seconds))
+        projection = project(model) if self.config.get("to_visualize") and isinstance(model, dict) else None
+        threshold = task.get("accept_if_at_least")
+        accepted = not math.isnan(utility) and (threshold is None or utility >= threshold)
+        start = time.perf_counter()
+        if accepted and task.get("save_to"):
+            if isinstance(model, dict):
+                self.save_adapter(task["save_to"], model, adapter_config)
+                # the accepted candidate is the next version of that member: keep it, saving a re-read next time
+                if task.get("cache_as"):
+                    path, version = task["cache_as"]
+                    self.adapters.setdefault(path, {})[version] = (model, adapter_config)
+            else:
+                _replace_dir(model, task["save_to"])
+        elif not isinstance(model, dict):
+            _remove_dir(model)
+        timing["write"] = time.perf_counter() - start
+        result = {"utility": utility, "accepted": accepted, "details": details, "timing": timing}
+        if projection is not None:
+            result["projection"] = projection
+        return result
+
+    def evaluate_saved(self, task):
+        import merge
+        path = task["path"]
+        if self.is_adapter(path):
+            model = self.load(path, task.get("version"))
+        else:
+            model = path
+        utility, details, seconds = self._evaluate(model, task["split"])
+        if task.get("details_to"):
+            self.write_text(task["details_to"], json.dumps(details))
+        return {"utility": utility, "accepted": True, "details": details, "timing": _eval_timing(details, seconds)}
+
+
+def _used_sources(sources, update, method):
+    """For a weighted average, members with coefficient 0 add exactly nothing (0 * x == 0 for finite x), so
+    they are neither loaded nor summed. Other methods see every member (TIES elects signs over all of them)."""
+    if method != "weighted_average" or update["kind"] != "combine":
+        return sources, update
+    used = [j for j, w in enumerate(update["weights"]) if w != 0.0] or [0]
+    return [sources[j] for j in used], {**update, "weights": [update["weights"][j] for j in used]}
+
+
+def project(state):
+    """A fixed random 2-D projection of all of a candidate's weights, for any architecture: each tensor gets its own
+    Gaussian directions seeded by its name, so every candidate is projected onto the same plane."""
+    import zlib
+    import torch
+    point = torch.zeros(2, dtype=torch.float64)
+    for name in sorted(state):
+        flat = state[name].detach().to("cpu", torch.float64).reshape(-1)
+        generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        directions = torch.randn(2, flat.numel(), generator=generator, dtype=torch.float64)
+        point += directions @ flat
+    return [float(point[0]), float(point[1])]
+
+
+def _eval_timing(details, seconds):
+    forward = float(details.get("forward_seconds", 0.0)) if isinstance(details, dict) else 0.0
+    swap = float(details.get("swap_seconds", 0.0)) if isinstance(details, dict) else 0.0
+    return {"forward": forward, "swap": swap, "evaluate_other": max(seconds - forward - swap, 0.0)}
+
+
+def _replace_dir(src, dst):
+    old = dst + ".old"
+    if os.path.exists(dst):
+        os.replace(dst, old)
+    os.replace(src, dst)
+    _remove_dir(old)
+
+
+def _remove_dir(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def atomic_write_text(path, text):
+    """Write a file so that a kill at any instant leaves either the old or the new content, never a torn one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def _worker_main(device, config, conn):
+    """Loop of a local worker process: receive a task, send back its result. Exceptions travel back as text."""
+    import signal
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ctrl-C reaches the whole process group; the driver decides when workers stop (it closes their pipe)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        runner = TaskRunner(device, config)
+    except BaseException as e:  # noqa: BLE001 - reported to the driver, which stops the search with it
+        conn.send({"error": f"worker on {device} failed to start: {type(e).__name__}: {e}"})
+        return
+    conn.send({"ready": True})
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return
+        if task is None:
+            return
+        try:
+            result = runner.run(task)
+        except KeyboardInterrupt:
+            return
+        except BaseException as e:  # noqa: BLE001
+            result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        conn.send(result)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The local executor: one persistent process per device.
+
+class LocalPool:
+    """One persistent worker process per device (a GPU id, or "cpu" once per CPU worker)."""
+
+    start_timeout = 600.0  # seconds to load a base model; a 7B model from a slow disk can take minutes
+    poll_interval = 0.5
+
+    def __init__(self, devices, config, log=print):
+        self.devices = list(devices)
+        self.config = config
+        self.log = log
+        self.ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
+        self.workers = [None] * len(self.devices)
+        try:
+            for slot in range(len(self.devices)):
+                self._start(slot)
+            for slot in range(len(self.devices)):
+                self._wait_ready(slot)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, slot):
+        parent, child = self.ctx.Pipe()
+        process = self.ctx.Process(target=_worker_main, args=(self.devices[slot], self.config, child), daemon=True)
+        process.start()
+        child.close()
+        self.workers[slot] = (process, parent)
+
+    def _wait_ready(self, slot):
+        process, conn = self.workers[slot]
+        message = self._receive(slot, self.start_timeout)
+        if message is None:
+            raise WorkerError(f"worker on device {self.devices[slot]} died while starting "
+                              f"(exit code {process.exitcode})")
+        if "error" in message:
+            raise WorkerError(message["error"])
+
+    def pids(self):
+        return [process.pid for process, _ in self.workers]
+
+    def _receive(self, slot, timeout=None):
+        """Next message from a worker, or None if it died. Polls so that a dead worker is noticed in seconds."""
+        process, conn = self.workers[slot]
+        waited = 0.0
+        while True:
+            try:
+                if conn.poll(self.poll_interval):
+                    return conn.recv()
+            except (EOFError, OSError):
+                return None
+            if not process.is_alive():
+                try:  # it may have answered just before dying
+                    if conn.poll(0):
+                        return conn.recv()
+                except (EOFError, OSError):
+                    pass
+                return None
+            waited += self.poll_interval
+            if timeout is not None and waited >= timeout:
+                return None
+
+    def _restart(self, slot):
+        process, conn = self.workers[slot]
+        if process.is_alive():
+            process.kill()
+        process.join(5)
+        conn.close()
+        self._start(slot)
+        self._wait_ready(slot)
+
+    def run(self, tasks, on_result=None):
+        """Runs tasks over all workers; returns results in task order. A worker that dies gets its task once more
+        on a restarted worker; a second death stops with WorkerError naming task, device and cause."""
+        results = [None] * len(tasks)
+        pending = list(range(len(tasks)))[::-1]
+        attempts = [0] * len(tasks)
+        busy = {}  # slot -> task index
+        while pending or busy:
+            for slot in range(len(self.workers)):
+                if slot not in busy and pending:
+                    index = pending.pop()
+                    attempts[index] += 1
+                    try:
+                        self.workers[slot][1].send(tasks[index])
+                    except (BrokenPipeError, OSError):
+                        pass  # noticed as a death by _receive below
+                    busy[slot] = index
+            for slot in list(busy):
+                process, conn = self.workers[slot]
+                try:
+                    ready = conn.poll(0.05)
+                except (EOFError, OSError):
+                    ready = False
+                if not ready and process.is_alive():
+                    continue
+                message = self._receive(slot, timeout=0) if ready or not process.is_alive() else None
+                index = busy.pop(slot)
+                if message is None:
+                    cause = _exit_cause(process.exitcode if not process.is_alive() else None)
+                    if attempts[index] >= 2:
+                        raise WorkerError(f"worker on device {self.devices[slot]} died twice on {_describe(tasks[index])}"
+                                          f" ({cause})")
+                    self.log(f"worker on device {self.devices[slot]} died on {_describe(tasks[index])} ({cause}); "
+                             f"restarting it and retrying once")
+                    self._restart(slot)
+                    pending.append(index)
+                    continue
+                if "error" in message:
+                    raise WorkerError(f"{_describe(tasks[index])} on device {self.devices[slot]} failed: "
+                                      f"{message['error']}")
+                results[index] = message
+                if on_result is not None:
+                    on_result(index, message)
+        return results
+
+    def close(self):
+        for entry in self.workers:
+            if entry is None:
+                continue
+            process, conn = entry
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for entry in self.workers:
+            if entry is None:
+                continue
+            process, conn = entry
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join(5)
+            conn.close()
+        self.workers = [None] * len(self.devices)
+
+
+def _describe(task):
+    if task["op"] == "candidate":
+        return f"candidate {task.get('name', '?')}"
+    if task["op"] == "evaluate":
+        return f"evaluation of {os.path.basename(task['path'])} ({task['split']})"
+    return task["op"]
+
+
+def _exit_cause(exitcode):
+    import signal
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " - likely out of memory" if name == "SIGKILL" else ""
+        return f"killed by {name}{hint}"
+    return f"exit code {exitcode}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Ray executor: one actor per device, anywhere on a Ray cluster.
+#
+# The search directory exists on the driver's machine only. So the driver reads every adapter a task needs and puts
+# it into Ray's object store once per (path, version); actors receive references, merge and evaluate with the very
+# same TaskRunner code as local workers, and hand the accepted candidate's tensors and the per-item details back
+# instead of writing them; the driver writes them. Full models (--fast_merge 0) are merged and read through their
+# paths, which therefore must exist on every node (a shared filesystem).
+
+class _ShippedRunner(TaskRunner):
+    """A TaskRunner whose adapters arrive as object references and whose outputs are collected, not written."""
+
+    def __init__(self, device, config):
+        super().__init__(device, config)
+        self.shipped = {}   # path -> (object id, (state, config)): one version per path, like TaskRunner.load
+        self.refs = {}      # (path, version) -> object reference, for the task being run
+        self.outputs = {}
+
+    def is_adapter(self, path):
+        return any(p == path for p, _ in self.refs)
+
+    def load(self, path, version):
+        import ray
+        ref = self.refs.get((path, version))
+        if ref is None:
+            raise RuntimeError(f"the driver did not ship adapter {path} (version {version})")
+        # keyed by object id rather than version: a restart in the same iteration re-uses the version number
+        cached = self.shipped.get(path)
+        if cached is None or cached[0] != ref.hex():
+            self.shipped[path] = (ref.hex(), ray.get(ref))
+        return self.shipped[path][1]
+
+    def save_adapter(self, path, state, config):
+        # on the CPU and contiguous, exactly as merge.save_adapter writes it, so a GPU actor's tensors unpickle on a
+        # driver without a GPU and the driver's file is byte-identical to a local worker's
+        self.outputs["adapter"] = ({k: v.detach().to("cpu").contiguous() for k, v in state.items()}, config)
+
+    def write_text(self, path, text):
+        self.outputs["text"] = text
+
+    def run_shipped(self, task, shipped):
+        self.refs = {(path, version): ref for path, version, ref in shipped}
+        self.outputs = {}
+        try:
+            result = self.run(task)
+        finally:
+            self.refs = {}
+            # TaskRunner keeps accepted candidates under task["cache_as"]; here the driver's references are the
+            # cache, so that copy would only hold memory
+            self.adapters.clear()
+        return result, self.outputs
+
+
+def _actor_gpu_index():
+    """torch's index of the GPU Ray assigned to this actor. Ray normally sets CUDA_VISIBLE_DEVICES to that one GPU,
+    so it is cuda:0; with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES the actor sees all GPUs of its node and the
+    assigned id has to be looked up among the visible ones."""
+    import ray
+    gpu = str(ray.get_gpu_ids()[0])
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:
+        return visible.index(gpu) if gpu in visible else 0
+    return int(gpu)
+
+
+class _RayWorker:
+    """The actor: one TaskRunner (base model resident) per device. Errors travel back as text, as from a local
+    worker, so both pools report them with the same messages."""
+
+    def __init__(self, device, config):
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        self.error = None
+        try:
+            self.device = "cpu" if device == "cpu" else _actor_gpu_index()
+            self.runner = _ShippedRunner(self.device, config)
+        except BaseException as e:  # noqa: BLE001 - reported by ready(), which the driver waits for
+            self.error = f"worker on {device} failed to start: {type(e).__name__}: {e}"
+
+    def ready(self):
+        import socket
+        import ray
+        if self.error:
+            return {"error": self.error}
+        return {"pid": os.getpid(), "host": socket.gethostname(), "gpus": [str(g) for g in ray.get_gpu_ids()],
+                "device": self.device}
+
+    def run(self, task, shipped):
+        try:
+            return self.runner.run_shipped(task, shipped)
+        except BaseException as e:  # noqa: BLE001
+            return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, {}
+
+
+class RayPool:
+    """One Ray actor per device: -g 0,1,... asks for that many GPU actors (num_gpus=1 each; Ray picks the GPUs,
+    on any node), -g cpu for --num_cpu_workers CPU actors (num_cpus=1 each). Same interface and messages as
+    LocalPool; results are bit-identical to it because the merges and evaluations are TaskRunner's own."""
+
+    start_timeout = LocalPool.start_timeout
+    wait_interval = 0.5  # ray.wait slices, so that Ctrl-C and SIGTERM are handled promptly
+
+    def __init__(self, devices, config, log=print, address=None):
+        try:
+            import ray
+        except ImportError as e:
+            raise WorkerError(f"--backend ray needs Ray: pip install 'ray[default]' ({e})") from None
+        self.ray = ray
+        self.devices = list(devices)
+        self.config = config
+        self.log = log
+        self.actors = [None] * len(self.devices)
+        self.actor_class = None
+        self.store = {}  # path -> {version: (object reference, read from disk?)}
+        self.owns_ray = False
+        try:
+            self._connect(address)
+            for slot in range(len(self.devices)):
+                self.actors[slot] = self._spawn(slot)
+            for slot in range(len(self.devices)):
+                self._wait_ready(slot)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the cluster
+    def _connect(self, address):
+        import signal
+        import threading
+        ray = self.ray
+        if ray.is_initialized():
+            self.log("using the Ray instance this process already joined")
+            self._check_resources(ray.cluster_resources())
+            return
+        starts_local = _resolves_to_new_instance(address)
+        kwargs = {"include_dashboard": False, "logging_level": "WARNING"}
+        if starts_local:
+            # a local instance gets exactly one CPU per actor (or RAY_NUM_CPUS), not the whole machine
+            cpus = os.environ.get("RAY_NUM_CPUS") or str(len(self.devices))
+            if not cpus.isdigit():
+                raise WorkerError(f"RAY_NUM_CPUS={cpus!r} must be a whole number of CPUs")
+            kwargs["num_cpus"] = int(cpus)
+        else:
+            # other nodes need not have this checkout: the code travels with the job (.gitignore'd files stay)
+            repo = os.path.dirname(os.path.abspath(__file__))
+            kwargs["runtime_env"] = {"working_dir": repo, "excludes": [".git", ".venv", "search", "wandb"]}
+        main_thread = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGTERM) if main_thread else None
+        try:
+            ray.init(address=address, **kwargs)
+        except Exception as e:  # noqa: BLE001 - Ray raises many kinds here; the search reports one line
+            text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            hint = " (set RAY_AUTH_MODE=token and copy the cluster's ~/.ray/auth_token)" if "auth" in str(e).lower() \
+                else ""
+            raise WorkerError(f"cannot {'start' if starts_local else 'join'} Ray"
+                              f"{'' if starts_local else ' at ' + str(address or 'RAY_ADDRESS')}: "
+                              f"{type(e).__name__}: {text}{hint}") from None
+        self.owns_ray = True
+        if main_thread and previous is not None:
+            # ray.init makes SIGTERM exit at once; the search turns it into a clean stop between commits
+            signal.signal(signal.SIGTERM, previous)
+        resources = ray.cluster_resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        where = "a new local Ray instance" if starts_local else f"the Ray cluster at {address or 'RAY_ADDRESS'}"
+        self.log(f"using {where}: {len(nodes)} node(s), {resources.get('CPU', 0):g} CPU, "
+                 f"{resources.get('GPU', 0):g} GPU, {resources.get('object_store_memory', 0) / 2 ** 30:.1f} GiB "
+                 f"object store")
+        self._check_resources(resources)
+
+    def _check_resources(self, resources):
+        gpu_actors = sum(1 for d in self.devices if d != "cpu")
+        if gpu_actors > resources.get("GPU", 0):
+            raise WorkerError(f"-g asks for {gpu_actors} GPU worker(s) but the Ray cluster has "
+                              f"{resources.get('GPU', 0):g} GPU(s)")
+        if len(self.devices) > resources.get("CPU", 0):
+            raise WorkerError(f"{len(self.devices)} Ray worker(s) need one CPU each but the Ray cluster has "
+                              f"{resources.get('CPU', 0):g} CPU(s) (RAY_NUM_CPUS sets a local instance's count)")
+
+    def _spawn(self, slot):
+        device = self.devices[slot]
+        # the pool restarts dead actors itself, so that a task is retried once and exactly once
+        options = {"num_cpus": 1, "max_restarts": 0, "max_task_retries": 0}
+        if device != "cpu":
+            options["num_gpus"] = 1
+        if self.actor_class is None:
+            self.actor_class = self.ray.remote(_RayWorker)
+        return self.actor_class.options(**options).remote(device, self.config)
+
+    def _wait_ready(self, slot):
+        ray = self.ray
+        ref = self.actors[slot].ready.remote()
+        ready, _ = ray.wait([ref], timeout=self.start_timeout)
+        if not ready:
+            raise WorkerError(f"worker on device {self.devices[slot]} could not be placed or started within "
+                              f"{self.start_timeout:.0f} s (are the cluster's CPUs/GPUs taken?)")
+        try:
+            message = ray.get(ref)
+        except _death_errors(ray) as e:
+            raise WorkerError(f"worker on device {self.devices[slot]} died while starting ({_ray_cause(e)})") from None
+        if "error" in message:
+            raise WorkerError(message["error"])
+        gpus = f", GPU {','.join(message['gpus'])}" if message["gpus"] else ""
+        self.log(f"Ray worker {slot} ({self.devices[slot]}) on {message['host']}, pid {message['pid']}{gpus}")
+
+    def pids(self):
+        return [self.ray.get(actor.ready.remote())["pid"] for actor in self.actors]
+
+    def _restart(self, slot):
+        try:
+            self.ray.kill(self.actors[slot], no_restart=True)
+        except Exception:  # noqa: BLE001 - it is already gone
+            pass
+        self.actors[slot] = self._spawn(slot)
+        self._wait_ready(slot)
+
+    # -- adapters through the object store
+    def _ref(self, path, version):
+        """Object reference of the adapter at path, read and put once per version; older versions are dropped."""
+        import merge
+        versions = self.store.setdefault(path, {})
+        if version is None or version not in versions:
+            ref = self.ray.put(merge.load_adapter(path))
+            if version is None:
+                return ref  # no version, no caching: the folder may change under the same name
+            versions[version] = (ref, True)
+        for old in [v for v in versions if v < version]:
+            del versions[old]
+        return versions[version][0]
+
+    def _forget_vanished(self):
+        """Adapters read from folders that no longer exist (the previous iteration's staging) are dropped."""
+        for path in list(self.store):
+            versions = self.store[path]
+            for version in [v for v, (_, from_disk) in versions.items() if from_disk and not os.path.isdir(path)]:
+                del versions[version]
+            if not versions:
+                del self.store[path]
+
+    def _shipped(self, task):
+        """[path, version, reference] of every adapter the task reads; full-model paths stay paths."""
+        if task["op"] == "candidate" and self.config.get("fast_merge", 1):
+            method = self.config.get("merge_method", "weighted_average")
+            sources, _ = _used_sources(task["sources"], task["update"], method)
+            return [[path, version, self._ref(path, version)] for path, version in sources]
+        if task["op"] == "evaluate" and os.path.exists(os.path.join(task["path"], "adapter_config.json")):
+            return [[task["path"], task.get("version"), self._ref(task["path"], task.get("version"))]]
+        return []
+
+    def _deliver(self, task, result, outputs):
+        """Write what a local worker would have written, on the driver's filesystem."""
+        import merge
+        start = time.perf_counter()
+        if "adapter" in outputs and task.get("save_to"):
+            state, adapter_config = outputs["adapter"]
+            merge.save_adapter(task["save_to"], state, adapter_config)
+            if task.get("cache_as"):
+                path, version = task["cache_as"]
+                # the accepted candidate is that member's next version; put from the driver, so that it outlives
+                # the node that computed it
+                self.store.setdefault(path, {})[version] = (self.ray.put((state, adapter_config)), False)
+        if "text" in outputs and task.get("details_to"):
+            atomic_write_text(task["details_to"], outputs["text"])
+        timing = result.setdefault("timing", {})
+        timing["write"] = timing.get("write", 0.0) + time.perf_counter() - start
+
+    # -- the interface
+    def run(self, tasks, on_result=None):
+        """Runs tasks over all actors, one task per actor at a time; returns results in task order. An actor that
+        dies is replaced and its task retried once; a second death stops with WorkerError, as in LocalPool."""
+        ray = self.ray
+        self._forget_vanished()
+        tasks = [_absolute_paths(task) for task in tasks]
+        results = [None] * len(tasks)
+        pending = list(range(len(tasks)))[::-1]
+        attempts = [0] * len(tasks)
+        busy = {}  # result reference -> (slot, task index, outputs reference)
+        while pending or busy:
+            free = [slot for slot in range(len(self.actors)) if slot not in {s for s, _, _ in busy.values()}]
+            for slot in free:
+                if not pending:
+                    break
+                index = pending.pop()
+                attempts[index] += 1
+                result_ref, outputs_ref = self.actors[slot].run.options(num_returns=2).remote(
+                    tasks[index], self._shipped(tasks[index]))
+                busy[result_ref] = (slot, index, outputs_ref)
+            done, _ = ray.wait(list(busy), num_returns=1, timeout=self.wait_interval)
+            for ref in done:
+                slot, index, outputs_ref = busy.pop(ref)
+                try:
+                    message = ray.get(ref)
+                    outputs = ray.get(outputs_ref) if "error" not in message else {}
+                except _death_errors(ray) as e:
+                    cause = _ray_cause(e)
+                    if attempts[index] >= 2:
+                        raise WorkerError(f"worker on device {self.devices[slot]} died twice on "
+                                          f"{_describe(tasks[index])} ({cause})") from None
+                    self.log(f"worker on device {self.devices[slot]} died on {_describe(tasks[index])} ({cause}); "
+                             f"restarting it and retrying once")
+                    self._restart(slot)
+                    pending.append(index)
+                    continue
+                except ray.exceptions.RayError as e:
+                    raise WorkerError(f"{_describe(tasks[index])} on device {self.devices[slot]} failed: "
+                                      f"{_ray_cause(e)}") from None
+                if "error" in message:
+                    raise WorkerError(f"{_describe(tasks[index])} on device {self.devices[slot]} failed: "
+                                      f"{message['error']}")
+                self._deliver(tasks[index], message, outputs)
+                results[index] = message
+                if on_result is not None:
+                    on_result(index, message)
+        return results
+
+    def close(self):
+        ray = getattr(self, "ray", None)
+        if ray is None:
+            return
+        for actor in self.actors:
+            if actor is not None:
+                try:
+                    ray.kill(actor, no_restart=True)
+                except Exception:  # noqa: BLE001 - already dead, or the cluster is gone
+                    pass
+        self.actors = [None] * len(self.devices)
+        self.store = {}
+        if self.owns_ray and ray.is_initialized():
+            # stops the local instance this pool started; on a cluster it only disconnects this driver
+            ray.shutdown()
+        self.owns_ray = False
+
+
+def _absolute_paths(task):
+    """The task with its paths made absolute: they name the adapters in the object store, and full-model paths
+    are opened by actors whose working directory is not the driver's (Ray unpacks the code elsewhere)."""
+    task = dict(task)
+    if "sources" in task:
+        task["sources"] = [[os.path.abspath(path), version] for path, version in task["sources"]]
+    if task.get("cache_as"):
+        task["cache_as"] = [os.path.abspath(task["cache_as"][0]), task["cache_as"][1]]
+    for key in ("path", "save_to", "details_to"):
+        if task.get(key):
+            task[key] = os.path.abspath(task[key])
+    return task
+
+
+def _resolves_to_new_instance(address):
+    """Whether ray.init(address) would start a new local instance rather than join a running one: "local", or no
+    address while neither RAY_ADDRESS nor a `ray start` cluster on this machine is found (Ray's own rule)."""
+    if address == "local":
+        return True
+    if address is not None:
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+        return canonicalize_bootstrap_address(None) is None
+    except ImportError:  # the private helper moved: decide on what Ray documents
+        return not os.environ.get("RAY_ADDRESS")
+
+
+def _death_errors(ray):
+    """Exceptions meaning the actor's process (or its node) is gone, rather than the task failing."""
+    errors = [ray.exceptions.RayActorError]
+    for name in ("OutOfMemoryError", "NodeDiedError", "WorkerCrashedError", "ObjectLostError"):
+        if hasattr(ray.exceptions, name):
+            errors.append(getattr(ray.exceptions, name))
+    return tuple(errors)
+
+
+def _ray_cause(error):
+    """One line for a Ray exception, e.g. "ActorDiedError: ... Worker exit detail: ...", without Ray's hints."""
+    cause = getattr(error, "cause", None)
+    if cause is not None and not isinstance(cause, BaseException):
+        cause = None
+    text = str(cause if cause is not None else error)
+    detail = ""
+    marker = "Worker exit detail:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].strip().split(". ")[0].strip().rstrip(".")
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    name = type(cause if cause is not None else error).__name__
+    return f"{name}: {detail or first}"
