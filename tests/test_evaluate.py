@@ -230,14 +230,14 @@ def test_multiple_choice_icl_prompt_is_prepended(tiny, data_dir):
 @pytest.fixture(scope="module")
 def mc_adapter(tiny, tmp_path_factory):
     """A LoRA adapter briefly trained to answer tiny multiple-choice prompts with " <letter>" and stop. The gold
-    option's position follows the question's skill (max -> A, cnt -> B, deg -> C), which 2 layers learn quickly,
+    option's position follows the question's skill (max -> A, fst -> B, snd -> C), which 2 layers learn quickly,
     so predictions vary across items."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
     tok = ev.get_host(str(tiny.base), "cpu").tokenizer
     rng = random.Random(0)
-    position = {"max": 0, "cnt": 1, "deg": 2}
+    position = {"max": 0, "fst": 1, "snd": 2}
 
     def item(x):
         others = rng.sample([a for a in "0123456789" if a != x["answer"]], 3)
