@@ -32,7 +32,6 @@ test: tiny data
 bench: tiny data
 	$(PY) benchmarks/bench_merge.py
 	$(PY) benchmarks/bench_evaluate.py
-	$(PY) benchmarks/bench_search.py
 
 clean:
 	rm -rf initial_experts/tiny data/eval/tiny_*.json data/eval/nlgraph.json
