@@ -249,9 +249,9 @@ def mc_adapter(tiny, tmp_path_factory):
     held_out = [item(x) for x in tiny_demo.make_items(12, seed=78, skills=tuple(position))]
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32),
                            LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    for _ in range(60):
+    for _ in range(150):
         batch = rng.sample(train, 16)
         rows = [tok(ev.multiple_choice_prompt(b, "tiny_mc") + " " + b["answer"]).input_ids + [tok.eos_token_id]
                 for b in batch]
