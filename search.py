@@ -602,15 +602,15 @@ class Search:
                 restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": sources,
                                       "update": {"kind": "combine", "weights": weights}, "split": "dev",
                                       "accept_if_at_least": None,
-                                      "save_to": os.path.join(self.staging, f"candidate_{i}"),
-                                      "cache_as": [self.cand(i), k]})
+                                      "save_to": os.path.join(self.staging, f"candidate_{i}")})
                 # a restart replaces a staged-but-unused update of the same candidate
                 shutil.rmtree(os.path.join(self.staging, f"candidate_{i}"), ignore_errors=True)
             if restart_tasks:
                 for i, result in zip(stray, self.run_tasks(restart_tasks, f"iteration {k} restarts")):
                     c = s["candidates"][i]
                     if result["accepted"]:
-                        c.update(utility=result["utility"], version=k, stale=0)
+                        # a version of its own: a worker may hold this iteration's superseded update as version k
+                        c.update(utility=result["utility"], version=k + 0.5, stale=0)
                         restarted.append(i)
                         self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
         for c in s["candidates"]:

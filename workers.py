@@ -120,7 +120,7 @@ class TaskRunner:
             tmp = task["save_to"] + ".merging"
             merge.lora_merge([w for w, _ in used], [p for _, p in used], tmp, self.device, directly_load_safetensors=0,
                              merge_method=self.config.get("merge_method", "weighted_average"),
-                             merge_params=self.config.get("merge_params"))
+                             merge_params=self.config.get("merge_params"), seed=update.get("seed", 0))
             model, adapter_config = tmp, None
         timing["merge"] = time.perf_counter() - start
 
