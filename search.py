@@ -838,7 +838,7 @@ def public_args(args):
 # ----------------------------------------------------------------------------------------------------------------
 # Entry point
 
-def explicit_flags(parser, argv):
+def explicit_flags(argv):
     """Names of the flags the user actually typed (argparse fills defaults, so parse once more without them)."""
     shadow = build_parser()
     for action in shadow._actions:
@@ -854,7 +854,7 @@ def prepare(argv):
         directory = args.resume.rstrip("/")
         if not os.path.isfile(os.path.join(directory, "args.json")):
             raise UsageError(f"--resume {args.resume}: not a search directory (no args.json)")
-        given = explicit_flags(parser, argv) - {"resume"}
+        given = explicit_flags(argv) - {"resume"}
         recorded = read_json(os.path.join(directory, "args.json"))
         refused = sorted(f for f in given if f not in RESUMABLE_OVERRIDES and getattr(args, f) != recorded.get(f))
         if refused:

@@ -149,7 +149,6 @@ class TaskRunner:
         return result
 
     def evaluate_saved(self, task):
-        import merge
         path = task["path"]
         if self.is_adapter(path):
             model = self.load(path, task.get("version"))
