@@ -29,9 +29,11 @@ demo: tiny data
 test: tiny data
 	WANDB_MODE=disabled $(PY) -m pytest -q tests
 
+# CPU benchmarks (benchmarks/bench_gpu.py needs a GPU: run it by hand)
 bench: tiny data
 	$(PY) benchmarks/bench_merge.py
 	$(PY) benchmarks/bench_evaluate.py
+	$(PY) benchmarks/bench_search.py
 
 clean:
 	rm -rf initial_experts/tiny data/eval/tiny_*.json data/eval/nlgraph.json

@@ -417,12 +417,13 @@ def _fsync_path(path):
 
 
 @contextlib.contextmanager
-def _atomic_dir(path):
+def _atomic_dir(path, durable=True):
     """Yield a temp dir next to ``path``; on success it becomes ``path`` (replacing an old one).
 
     Files are fsynced before the rename and the parent after it, so a crash leaves either
     the old folder or the complete new one. Linux cannot atomically swap two non-empty
     folders, so an existing folder is first moved aside and restored if the second rename fails.
+    durable=False leaves out the fsyncs, for a caller that syncs the folder itself later.
     """
     path = os.path.abspath(os.fspath(path))
     parent, base = os.path.split(path)
@@ -432,9 +433,10 @@ def _atomic_dir(path):
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
         yield tmp
-        for name in os.listdir(tmp):
-            _fsync_path(os.path.join(tmp, name))
-        _fsync_path(tmp)
+        if durable:
+            for name in os.listdir(tmp):
+                _fsync_path(os.path.join(tmp, name))
+            _fsync_path(tmp)
         if os.path.isdir(path):
             old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
             os.rename(path, old)
@@ -446,7 +448,8 @@ def _atomic_dir(path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, path)
-        _fsync_path(parent)
+        if durable:
+            _fsync_path(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -493,15 +496,16 @@ def load_adapter(path):
     return state, config
 
 
-def save_adapter(path, state, config):
+def save_adapter(path, state, config, durable=True):
     """Write a peft adapter folder atomically (temp dir in the same parent, fsync, rename).
 
     An existing folder at ``path`` is replaced. The result loads with PeftModel.from_pretrained.
+    durable=False skips the fsyncs: the search stages candidates that way and syncs them all at once at its commit.
     """
     if not isinstance(config, dict):
         raise MergeError(f"adapter config for {os.fspath(path)!r} must be a dict, got {type(config).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with _atomic_dir(path) as tmp:
+    with _atomic_dir(path, durable) as tmp:
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)

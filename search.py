@@ -13,7 +13,7 @@ Search directory layout (search/<name>_<hostname>[_<time>]/):
     utility_scratchpad.json    best, worst, history, candidate_i, candidate_i_history
     state.json                 everything needed to resume (iteration, step length, rng state, counters)
     candidate_i/               current weights of population member i
-    global_best/ global_worst/ best weights ever found; worst member of the current population
+    global_best/ global_worst/ best weights ever found; worst member of the final population
     final_metrics.json         the overall metrics at the end
     utility_curve.png          best, worst and every candidate over iterations
 """
@@ -26,11 +26,13 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
+import uuid
 
 import bwr
 import merge
-from workers import LocalPool, WorkerError, atomic_write_text
+from workers import LocalPool, WorkerError, atomic_write_text, sync_filesystem
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STATE_VERSION = 1
@@ -314,8 +316,14 @@ def crash_point(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def write_json(path, obj):
-    atomic_write_text(path, json.dumps(obj, indent=2))
+def write_json(path, obj, durable=True):
+    atomic_write_text(path, json.dumps(obj, indent=2), durable=durable)
+
+
+def write_state(directory, state):
+    """state.json: on one line, because it is rewritten every iteration and grows with them (profiles, histories,
+    --correctness_emergence's per-item scores), and json's C encoder only serves unindented output (3-5x faster)."""
+    atomic_write_text(os.path.join(directory, "state.json"), json.dumps(state))
 
 
 def read_json(path):
@@ -323,18 +331,72 @@ def read_json(path):
         return json.load(f)
 
 
-def apply_moves(moves):
-    """Redo log of a commit: each move replaces a folder. Idempotent, so a commit cut short is finished on resume."""
+def apply_moves(moves, discard=shutil.rmtree):
+    """Redo log of a commit: each move replaces a folder. Idempotent, so a commit cut short is finished on resume.
+    discard(path) disposes of a replaced folder: deleted at once by default, or handed to a Trash."""
     for src, dst in moves:
         old = dst + ".old"
         if os.path.exists(src):
             if os.path.exists(dst):
                 if os.path.exists(old):
-                    shutil.rmtree(old)
+                    discard(old)
                 os.replace(dst, old)
             os.replace(src, dst)
         if os.path.exists(old):
-            shutil.rmtree(old)
+            discard(old)
+
+
+class Trash:
+    """Folders the search no longer needs (replaced candidates, spent staging folders) are renamed into
+    <search dir>/.trash/ at once and deleted by a background thread, overlapping the next iteration's forward
+    passes. Deleting is slower than it looks: on the development machine (ext4 mounted with online discard) every
+    unlinked file and folder costs about 4 ms, 12 ms per candidate folder, which the driver would otherwise spend
+    between iterations while the workers wait. Whatever a kill leaves in .trash/ is removed by the next close()."""
+
+    def __init__(self, directory):
+        self.root = os.path.join(directory, ".trash")
+        self.pending = []
+        self.lock = threading.Lock()
+        self.thread = None
+
+    def put(self, path):
+        os.makedirs(self.root, exist_ok=True)
+        target = os.path.join(self.root, uuid.uuid4().hex)
+        os.replace(path, target)
+        with self.lock:
+            self.pending.append(target)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._delete, daemon=True)
+                self.thread.start()
+
+    def _delete(self):
+        while True:
+            with self.lock:
+                if not self.pending:
+                    self.thread = None
+                    return
+                path = self.pending.pop()
+            shutil.rmtree(path, ignore_errors=True)
+
+    def empty(self):
+        """Waits for the deletions and removes .trash/ itself (with anything an earlier, killed run left there)."""
+        with self.lock:
+            thread = self.thread
+        if thread is not None:
+            thread.join()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def link_tree(src, dst, ignore=None):
+    """dst: a new folder of hard links to src's files, O(1) whatever the model size. Sharing files is safe because
+    nothing in a search directory is modified in place: every write is a new file or folder renamed over the old
+    one, so replacing candidate_i/ later leaves global_best/'s files as they were. Copies where links fail (a
+    filesystem without hard links)."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link, ignore=ignore)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, ignore=ignore)
 
 
 def new_search_dir(root, name):
@@ -374,7 +436,9 @@ class Search:
     def __init__(self, args, directory, state=None):
         self.args = args
         self.dir = directory
-        self.staging = os.path.join(directory, ".staging")
+        self.staging_root = os.path.join(directory, ".staging")
+        self.staging = None  # .staging/<iteration>/: set by fresh_staging
+        self.trash = Trash(directory)
         self.log = Log(os.path.join(directory, "log.txt"))
         self.state = state
         self.pool = None
@@ -387,6 +451,13 @@ class Search:
     def source(self, i):
         return [self.cand(i), self.state["candidates"][i]["version"]]
 
+    def staged_source(self, i):
+        """Member i as it stands mid-iteration: an update accepted in this iteration is on disk in the staging folder
+        until the commit. A worker that did not compute it would otherwise read candidate_i/'s previous weights
+        under the new version (and keep them cached)."""
+        staged = os.path.join(self.staging, f"candidate_{i}")
+        return self.source(i) + ([staged] if os.path.exists(staged) else [])
+
     def worker_config(self):
         a = self.args
         eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "reward_model": a.reward_model,
@@ -394,7 +465,12 @@ class Search:
                         "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
         threads = a.num_cpu_when_merging
         if a.devices and a.devices[0] == "cpu":
-            threads = max(threads, (os.cpu_count() or 1) // len(a.devices))
+            # an explicit OMP_NUM_THREADS wins: on a machine shared with other jobs, more torch threads than free
+            # cores make every small op wait for a descheduled thread (on 2 cores with one taken, the tiny model's
+            # forward passes ran 40-50x slower with 2 threads than with 1)
+            omp = os.environ.get("OMP_NUM_THREADS", "")
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(threads, cpus // len(a.devices))
         return {"base_model": os.path.abspath(a.base_model) if os.path.isdir(a.base_model) else a.base_model,
                 "eval_type": a.eval_type, "dataset": a.dataset, "only_one_or_two": a.only_one_or_two,
                 "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": a.merge_params_dict,
@@ -417,23 +493,33 @@ class Search:
                 crash_point("evaluation")  # the other workers are still merging and evaluating
             return self.pool.run(tasks, on_result=on_result)
 
-    def fresh_staging(self):
-        shutil.rmtree(self.staging, ignore_errors=True)
+    def fresh_staging(self, iteration):
+        """Each iteration stages into a folder of its own, so the moves recorded by one commit can never pick up
+        what a later iteration staged: that is what lets a commit write state.json once."""
+        shutil.rmtree(self.staging_root, ignore_errors=True)
+        self.staging = os.path.join(self.staging_root, str(iteration))
         os.makedirs(self.staging)
 
     def commit(self, moves):
-        """State first (with its moves), then the moves: a kill anywhere leaves a state resume can complete."""
+        """State first (with its moves), then the moves: a kill anywhere leaves a state resume can complete.
+
+        state.json is written (and fsynced) once per commit. It keeps listing the moves after they are done: resume
+        re-applies them (apply_moves is idempotent, and their sources are this iteration's own staging folder,
+        which no later iteration writes into), so a second write just to clear the list would buy nothing."""
         self.state["pending_moves"] = moves
         crash_point("before_commit")
-        write_json(os.path.join(self.dir, "state.json"), self.state)
+        # what state.json is about to name must be on disk first: the workers staged it without fsync
+        sync_filesystem(self.staging_root)
+        write_state(self.dir, self.state)
         for move in moves:
             crash_point("move")
-            apply_moves([move])
+            apply_moves([move], discard=self.trash.put)
         self.state["pending_moves"] = []
-        write_json(os.path.join(self.dir, "state.json"), self.state)
         crash_point("scratchpad")
-        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state))
-        shutil.rmtree(self.staging, ignore_errors=True)
+        # derived from the state and rewritten by every commit and by finish(): written atomically but not fsynced,
+        # a power cut can leave it one iteration behind until the next commit, never torn
+        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state), durable=False)
+        self.trash.put(self.staging_root)
 
     def utilities(self):
         return [c["utility"] for c in self.state["candidates"]]
@@ -449,7 +535,7 @@ class Search:
             first, second = rng.choice(len(experts), size=2, replace=False)
             w, w2 = bwr.crossover(rng)
             recipes.append({"parents": [int(first), int(second)], "weights": [float(w), float(w2)]})
-        self.fresh_staging()
+        self.fresh_staging(0)
         tasks = []
         for i, recipe in enumerate(recipes):
             weights = [0.0] * len(experts)
@@ -499,7 +585,9 @@ class Search:
                  f" test {self.state['starting_best']['test_utility']:.4f}")
 
     def best_worst_moves(self, previous_best):
-        """Update best/worst in the state and return the folder moves that record their weights."""
+        """Update best/worst in the state and return the folder move that records a new global best's weights.
+        global_worst/ is written once, by finish(): per iteration only accepted candidates and a new global best
+        reach the disk."""
         s = self.state
         u = self.utilities()
         best = max(range(len(u)), key=lambda i: (u[i], -i))
@@ -509,14 +597,9 @@ class Search:
         if improved:
             s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"]}
             staged = os.path.join(self.staging, "global_best")
-            shutil.copytree(self._current_weights(best), staged)
+            link_tree(self._current_weights(best), staged)
             moves.append([staged, os.path.join(self.dir, "global_best")])
-        previous_worst = s.get("worst")
         s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
-        if previous_worst is None or previous_worst["candidate"] != worst or self._changed(worst):
-            staged = os.path.join(self.staging, "global_worst")
-            shutil.copytree(self._current_weights(worst), staged)
-            moves.append([staged, os.path.join(self.dir, "global_worst")])
         s["history"]["best"].append(s["best"]["utility"])
         s["history"]["worst"].append(u[worst])
         return moves, improved
@@ -524,9 +607,6 @@ class Search:
     def _current_weights(self, i):
         staged = os.path.join(self.staging, f"candidate_{i}")
         return staged if os.path.exists(staged) else self.cand(i)
-
-    def _changed(self, i):
-        return os.path.exists(os.path.join(self.staging, f"candidate_{i}"))
 
     def record_emergence(self, iteration, results):
         rows = {}
@@ -547,6 +627,7 @@ class Search:
         best = max(range(n), key=lambda i: (u[i], -i))
         worst = min(range(n), key=lambda i: (u[i], i))
         skip_iteration = rng.random() < a.dropK if a.dropK > 0 else False
+        self.fresh_staging(k)
         tasks, indices = [], []
         for i in range(n):
             skip = rng.random() < a.dropN if a.dropN > 0 else False
@@ -560,7 +641,6 @@ class Search:
                           "update": update, "split": "dev", "accept_if_at_least": threshold,
                           "save_to": os.path.join(self.staging, f"candidate_{i}"), "cache_as": [self.cand(i), k]})
             indices.append(i)
-        self.fresh_staging()
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
         accepted, rejected_nan = 0, 0
         for i, result in zip(indices, results):
@@ -585,31 +665,36 @@ class Search:
             self.record_emergence(k, {i: r for i, r in zip(indices, results) if r["accepted"]})
 
         # restart stray candidates: no personal improvement for restart_patience * patience iterations
-        restarted = []
+        restarted, restart_results = [], []
         if a.restart_stray_candidates:
             limit = max(1, int(round(a.restart_patience * a.patience)))
             current_best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
             stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
+            # a restart replaces a staged-but-unused update of the same candidate (removed before any source is
+            # named, so that no task reads a folder removed before it runs)
+            for i in stray:
+                if os.path.exists(os.path.join(self.staging, f"candidate_{i}")):
+                    self.trash.put(os.path.join(self.staging, f"candidate_{i}"))
+            sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
             restart_tasks = []
             for i in stray:
                 partner = int(rng.integers(0, len(a.experts)))
                 w, w2 = bwr.crossover(rng)
                 # a fresh start near the global best: crossover of the best candidate and a random initial expert
-                sources = [self.source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
                 weights = [0.0] * len(sources)
                 weights[current_best] += w
                 weights[n + partner] += w2
+                # a version of its own: a worker may hold this iteration's superseded update as version k
                 restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": sources,
                                       "update": {"kind": "combine", "weights": weights}, "split": "dev",
                                       "accept_if_at_least": None,
-                                      "save_to": os.path.join(self.staging, f"candidate_{i}")})
-                # a restart replaces a staged-but-unused update of the same candidate
-                shutil.rmtree(os.path.join(self.staging, f"candidate_{i}"), ignore_errors=True)
+                                      "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                                      "cache_as": [self.cand(i), k + 0.5]})
             if restart_tasks:
-                for i, result in zip(stray, self.run_tasks(restart_tasks, f"iteration {k} restarts")):
+                restart_results = self.run_tasks(restart_tasks, f"iteration {k} restarts")
+                for i, result in zip(stray, restart_results):
                     c = s["candidates"][i]
                     if result["accepted"]:
-                        # a version of its own: a worker may hold this iteration's superseded update as version k
                         c.update(utility=result["utility"], version=k + 0.5, stale=0)
                         restarted.append(i)
                         self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
@@ -624,9 +709,14 @@ class Search:
         s["no_improvement"] = 0 if improved else s["no_improvement"] + 1
         s["step_length"] = max(s["step_length"] * a.step_length_factor, a.minimum_step_length)
         s["rng"] = bwr.rng_state(rng)
-        profile = self.profile(results, time.perf_counter() - t0)
+        # the profile covers the whole iteration, restarts and commit included; the entry the commit persists lacks
+        # the commit's own seconds, so it is completed in place afterwards (and persisted by the next commit)
+        evaluated = results + restart_results
+        profile = self.profile(evaluated, time.perf_counter() - t0)
         s["profile"].append(profile)
+        start = time.perf_counter()
         self.commit(moves + bw_moves)
+        profile.update(self.profile(evaluated, time.perf_counter() - t0, commit=time.perf_counter() - start))
         self.log(f"iteration {k}: best {s['best']['utility']:.4f} (candidate_{s['best']['candidate']}) "
                  f"worst {s['worst']['utility']:.4f} | accepted {accepted}/{len(indices)}"
                  + (f", skipped {len(skipped)}" if skipped else "") + (f", restarted {len(restarted)}" if restarted else "")
@@ -637,19 +727,29 @@ class Search:
                             "step_length": s["step_length"], "accepted": accepted,
                             **{f"candidate_{i}": c["utility"] for i, c in enumerate(s["candidates"])}}, step=k)
 
-    def profile(self, results, wall):
+    def profile(self, results, wall, commit=0.0):
+        """Seconds of one iteration: wall, the workers' merge / swap / forward / evaluate_other (evaluation outside
+        the model: tokenising, decoding, scoring) / write (accepted candidates), summed over workers; commit (the
+        driver's state.json, folder moves, scratchpad); driver_ipc: the rest of the wall time (task and result
+        transfer, the driver's bookkeeping, and with several workers the time some of them wait for the others)."""
         totals = {"merge": 0.0, "swap": 0.0, "forward": 0.0, "evaluate_other": 0.0, "write": 0.0}
         for result in results:
             for key, value in (result.get("timing") or {}).items():
                 totals[key] = totals.get(key, 0.0) + value
         workers = max(1, len(self.args.devices))
         busy = sum(totals.values()) / workers
-        return {"wall": wall, **totals, "driver_ipc": max(wall - busy, 0.0)}
+        return {"wall": wall, **totals, "commit": commit, "driver_ipc": max(wall - busy - commit, 0.0)}
 
     # -- the end
     def finish(self):
         a, s = self.args, self.state
         n = len(s["candidates"])
+        # global_worst/: written once, here, rather than after every iteration (before the evaluations below add
+        # golds_preds_test.json to the candidate folders; a resumed finish() leaves those out as well)
+        staged = os.path.join(self.dir, ".global_worst.new")
+        shutil.rmtree(staged, ignore_errors=True)
+        link_tree(self.cand(s["worst"]["candidate"]), staged, ignore=shutil.ignore_patterns("golds_preds_*"))
+        apply_moves([[staged, os.path.join(self.dir, "global_worst")]])
         self.log("final evaluation of every candidate and the global best on the test set")
         tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": "test",
                   "details_to": os.path.join(self.cand(i), "golds_preds_test.json")} for i in range(n)]
@@ -681,7 +781,7 @@ class Search:
         write_json(os.path.join(self.dir, "final_metrics.json"), metrics)
         s["stage"] = "done"
         s["final_metrics"] = metrics
-        write_json(os.path.join(self.dir, "state.json"), s)
+        write_state(self.dir, s)
         write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
         plot(s, self.dir, a.to_visualize)
         for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
@@ -716,7 +816,7 @@ class Search:
             else:
                 self.iterate()
                 continue
-            write_json(os.path.join(self.dir, "state.json"), s)
+            write_state(self.dir, s)
         metrics = self.state.get("final_metrics") if self.state["stage"] == "done" else self.finish()
         self.log(f"done: best model in {os.path.join(self.dir, 'global_best')}")
         return metrics
@@ -739,6 +839,7 @@ class Search:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        self.trash.empty()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
