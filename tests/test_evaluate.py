@@ -642,3 +642,22 @@ def test_cuda_oom_halves_the_batch_and_retries(tiny, monkeypatch):
 def test_multitask_unknown_domain(tiny):
     with pytest.raises(ev.EvalError, match="tiny_domain"):
         _eval(None, "multitask", "no_such_domain", tiny)
+
+
+def test_option_logprobs_equal_a_plain_forward_per_item(tiny, mc_adapter, data_dir):
+    """Shared-prefix scoring (one cached prefix, left-padded rows after it) gives the log-probs of a plain forward of
+    each full prompt on its own, for plain and in-context (long shared prefix) prompts alike."""
+    adapter, held_out = mc_adapter
+    icl = json.loads((data_dir / "tiny_mc_icl.json").read_text())
+    host = ev.get_host(str(tiny.base), "cpu")
+    model, tok = host.load(str(adapter)), host.tokenizer
+    for items, dataset, prefix in ((held_out, "tiny_mc", None), (icl["dev"][:8], "tiny_mc_icl", icl["icl_prompt"])):
+        got = ev.option_logprobs(model, tok, items, dataset, prefix, batch_size=3)
+        for item, scores in zip(items, got):
+            # char-level tokenizer: " A" is the space then the letter, so the letter is scored after prompt + " "
+            ids = tok(ev.multiple_choice_prompt(item, dataset, prefix) + " ", return_tensors="pt").input_ids
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -1].float(), dim=-1)
+            want = {k: logprobs[tok.convert_tokens_to_ids(k)].item() for k in item["choices"]}
+            assert scores.keys() == want.keys()
+            assert all(abs(scores[k] - want[k]) < 1e-4 for k in want), (scores, want)
