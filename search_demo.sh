@@ -3,6 +3,8 @@
 # Build what it needs first (make demo does it all): python initial_experts/expert_init.py --tiny; python data/tiny_demo.py
 # Extra arguments are passed to search.py, e.g.  bash search_demo.sh --seed 3 -m 10
 # DRY_RUN=1 prints the command instead of running it.
+# --reset_mode bounds (Rao's original reset) rather than the default scaled_random: over five seeds it gave the
+# demo a test gain in 3 of 5 against 1 of 5 (README, "The embedded tiny population and the demo objective").
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -19,4 +21,5 @@ ${DRY_RUN:+echo} "$PYTHON" search.py \
     -m 15 \
     --step_length 1.0 \
     --seed 42 \
+    --reset_mode bounds \
     "$@"
