@@ -5,7 +5,8 @@ Merges work in LoRA factor space: every saved tensor (each ``lora_A`` and each
 the result is cast back to the dtype the first input uses for that tensor.
 
 Layers:
-  * pure math: ``parse_merge_params``, ``merge_state_dicts`` (and the four methods),
+  * the method registry: ``@merge_method`` with declared ``Param``s, ``MERGE_METHODS``, ``parse_merge_params``,
+  * pure math: ``merge_state_dicts`` and the four registered methods,
   * I/O: ``load_adapter`` / ``save_adapter`` (safetensors only, atomic saves),
   * entry point kept from the published toolkit: ``lora_merge``, plus a small CLI:
 
@@ -13,7 +14,8 @@ Layers:
         [--merge_method ties] [--merge_params '{"threshold": 0.01}'] [--fast_merge 1] [--gpu cpu]
 
 Every problem with the inputs raises ``MergeError`` with a one-line message naming the
-adapter and the tensor at fault; nothing is skipped silently.
+adapter and the tensor at fault (a NaN/inf result: its subclass ``NonFiniteMergeError``);
+nothing is skipped silently.
 """
 
 import argparse
@@ -23,16 +25,17 @@ import json
 import math
 import numbers
 import os
+import re
 import shutil
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-MERGE_METHODS = ("weighted_average", "task_arithmetic", "ties", "dare")
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,46 +52,157 @@ class MergeError(ValueError):
     """Bad merge input. The message is one line naming the adapter and tensor at fault."""
 
 
-# ----------------------------------------------------------------------------- parameters
-
-_UNSET = object()
-
-
-def _float_param(method, name, value, ok, expect):
-    """``ok(value)`` decides the range; ``expect`` describes it for the error message."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise MergeError(f"merge_params {name!r} for {method} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or not ok(value):
-        raise MergeError(f"merge_params {name!r} for {method} must be {expect}, got {value!r}")
-    return value
+class NonFiniteMergeError(MergeError):
+    """The merged result holds NaN/inf. The inputs were well formed, so a search rejects that candidate and goes on
+    (every other MergeError is a mistake in the inputs and stops it)."""
 
 
-def _index_param(method, name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        kind = "a non-negative integer or null" if allow_none else "a non-negative integer"
-        raise MergeError(f"merge_params {name!r} for {method} must be {kind}, got {value!r}")
-    if value < 0:
-        raise MergeError(f"merge_params {name!r} for {method} must be >= 0, got {value}")
-    return int(value)
+# ----------------------------------------------------------------------------- the method registry
+# A merge method is one function fn(tensors, weights, params, key, seed) -> float32 tensor, registered with
+# @merge_method(name, Param(...), ...) (the shape of mergekit's @merge_method). Its parameters are declared once:
+# parse_merge_params validates and fills defaults from the declaration, the -h texts of merge.py and search.py are
+# written from it, and tests/test_merge.py runs every registered method through the same identity and linearity
+# checks.
+
+class InputIndex(int):
+    """Parameter type: the position of one of the merged inputs (0-based), checked against their number at merge time."""
+
+
+REQUIRED = object()  # Param default: the key must be given (when its variant is in use)
+
+_INTERVAL = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\])\s]+)\s*([\])])$")
+
+
+@dataclass
+class Param:
+    """One declared parameter of a merge method.
+
+    type:    float, int or InputIndex. Values arrive from JSON: bools are never numbers, an int is a valid float.
+    default: the value when the key is absent; None means "off" and makes null a valid value; REQUIRED: no default.
+    help:    one line for -h.
+    valid:   the interval values must lie in, written as in maths: "[0, inf)", "(0, 1]" ("" = any finite value).
+             InputIndex has its own range, 0 .. number of inputs - 1.
+    variant: label of the alternative this key belongs to ("" = always used). Keys of different variants exclude
+             each other; when none is given, the method's first variant is used.
+    """
+    name: str
+    type: type
+    default: object
+    help: str
+    valid: str = ""
+    variant: str = ""
+
+    def __post_init__(self):
+        if self.type not in (float, int, InputIndex):
+            raise ValueError(f"merge parameter {self.name!r}: type must be float, int or InputIndex, got {self.type!r}")
+        if self.type is InputIndex and self.valid:
+            raise ValueError(f"merge parameter {self.name!r}: an InputIndex has no 'valid' interval of its own")
+        self.bounds = (-math.inf, math.inf, False, False)  # low, high, low included, high included
+        if self.valid:
+            m = _INTERVAL.match(self.valid)
+            try:
+                low, high = float(m.group(2)), float(m.group(3))
+            except (AttributeError, ValueError):
+                raise ValueError(f"merge parameter {self.name!r}: valid={self.valid!r} is not an interval "
+                                 f"like '[0, 1)' or '(0, inf)'") from None
+            self.bounds = (low, high, m.group(1) == "[", m.group(4) == "]")
+        if self.default is not REQUIRED and self.default is not None:
+            try:
+                self.check(self.default, "")
+            except MergeError:
+                raise ValueError(f"merge parameter {self.name!r}: default {self.default!r} is not "
+                                 f"{self.describe()}") from None
+
+    def describe(self):
+        """What a valid value is, e.g. 'a number in (0, 1]' or 'a non-negative integer or null'."""
+        if self.type is InputIndex:
+            text = "a non-negative integer"
+        else:
+            low, high, low_in, high_in = self.bounds
+            text = "a number" if self.type is float else "an integer"
+            if high == math.inf and low > -math.inf:
+                text += f" {'>=' if low_in else '>'} {low:g}"
+            elif low == -math.inf and high < math.inf:
+                text += f" {'<=' if high_in else '<'} {high:g}"
+            elif low > -math.inf:
+                text += f" in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+        return text + (" or null" if self.default is None else "")
+
+    def check(self, value, method):
+        """``value`` as this parameter's type, or MergeError saying what is valid."""
+        if value is None and self.default is None:
+            return None
+        if self.type is float:
+            ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+            try:
+                ok = ok and math.isfinite(float(value))
+            except OverflowError:  # float() of a huge JSON integer
+                ok = False
+        else:
+            ok = not isinstance(value, bool) and isinstance(value, numbers.Integral)
+        if ok:
+            low, high, low_in, high_in = (0, math.inf, True, False) if self.type is InputIndex else self.bounds
+            ok = (low <= value if low_in else low < value) and (value <= high if high_in else value < high)
+        if not ok:
+            raise MergeError(f"merge_params {self.name!r} for {method} must be {self.describe()}, got {value!r}")
+        return float(value) if self.type is float else int(value)
+
+
+@dataclass
+class MergeMethod:
+    """A registered merge method: what @merge_method stores in MERGE_METHODS."""
+    name: str
+    fn: Callable       # fn(tensors, weights, params, key, seed) -> float32 tensor; see "methods" below
+    params: tuple      # of Param, in declaration order
+    summary: str       # the first line of fn's docstring
+    linear_in_weights: bool
+    identity_params: dict
+
+    @property
+    def variants(self):
+        return list(dict.fromkeys(p.variant for p in self.params if p.variant))
+
+
+MERGE_METHODS = {}  # name -> MergeMethod, in registration order
+
+
+def merge_method(name, *params, linear_in_weights=False, identity_params=None):
+    """Register ``fn(tensors, weights, params, key, seed)`` as merge method ``name`` with the declared ``params``.
+
+    fn gets one tensor name's inputs (in input order, any float dtype, on one device), the weights, the parsed
+    params (declared keys only, defaults filled in; only the variant in use), the tensor name and the merge seed,
+    and returns the merged float32 tensor. Its docstring's first line is its one-line description in -h.
+    The tests hold every method to two promises (tests/test_merge.py):
+      identity:          one input with weight 1 merges to itself, under ``identity_params`` (default: the defaults);
+      linear_in_weights: True when merge(w) - merge(0) is linear in w (an affine map; merge(0) is the base or zero).
+    """
+    def register(fn):
+        if name in MERGE_METHODS:
+            raise ValueError(f"merge method {name!r} is already registered")
+        if not (fn.__doc__ or "").strip():
+            raise ValueError(f"merge method {name!r}: give {fn.__name__} a docstring; its first line is the -h text")
+        names = [p.name for p in params]
+        if len(set(names)) != len(names):
+            raise ValueError(f"merge method {name!r} declares a parameter twice: {names}")
+        method = MergeMethod(name, fn, tuple(params), fn.__doc__.strip().splitlines()[0].strip(), linear_in_weights,
+                             dict(identity_params or {}))
+        MERGE_METHODS[name] = method
+        try:
+            method.identity_params = parse_merge_params(name, method.identity_params)
+        except MergeError:
+            del MERGE_METHODS[name]
+            raise
+        return fn
+    return register
 
 
 def parse_merge_params(method, params=None):
-    """Validate ``params`` for ``method`` and return a new dict with defaults filled in.
+    """Validate ``params`` for ``method`` against its declaration and return a new dict with defaults filled in.
 
-    ``params`` is a dict, a JSON object string, or None. Unknown keys, wrong types and
-    out-of-range values raise MergeError. Parsing an already-parsed dict returns it unchanged,
-    so callers may parse early and pass the result on.
-
-    Keys per method (defaults in brackets):
-      weighted_average: none
-      task_arithmetic:  base_model_idx [0]
-      ties:             threshold [0.01] | density, base_model_idx [null = no base]
-      dare:             threshold [0.01], amplification_factor [2.0] | drop_rate, base_model_idx [0]
-    ``threshold``/``density`` (ties) and ``threshold``+``amplification_factor``/``drop_rate`` (dare)
-    select alternative variants and are mutually exclusive.
+    ``params`` is a dict, a JSON object string, or None. Unknown keys, wrong types, out-of-range values and keys
+    of two variants raise MergeError. The result holds the keys of the variant in use, in declaration order;
+    parsing an already-parsed dict returns it unchanged, so callers may parse early and pass the result on.
+    The keys of each method: ``python merge.py -h`` (describe_methods()).
     """
     if method not in MERGE_METHODS:
         raise MergeError(f"unknown merge_method {method!r}; choose one of {', '.join(MERGE_METHODS)}")
@@ -106,46 +220,78 @@ def parse_merge_params(method, params=None):
     if not isinstance(params, dict):
         raise MergeError(f"merge_params must be a JSON object / dict, got {type(params).__name__}: {params!r}")
 
-    allowed = {
-        "weighted_average": (),
-        "task_arithmetic": ("base_model_idx",),
-        "ties": ("threshold", "density", "base_model_idx"),
-        "dare": ("threshold", "amplification_factor", "drop_rate", "base_model_idx"),
-    }[method]
+    declared = MERGE_METHODS[method].params
+    allowed = [p.name for p in declared]
     unknown = sorted(k for k in params if k not in allowed)
     if unknown:
         ok = ", ".join(allowed) if allowed else "none"
         raise MergeError(f"unknown merge_params key(s) {', '.join(map(repr, unknown))} for {method}; allowed: {ok}")
 
-    get = lambda k: params.get(k, _UNSET)  # noqa: E731
+    given = {}  # variant -> its keys that were given
+    for p in declared:
+        if p.variant and p.name in params:
+            given.setdefault(p.variant, []).append(p.name)
+    if len(given) > 1:
+        parts = [f"{'/'.join(map(repr, keys))} ({variant})" for variant, keys in given.items()]
+        raise MergeError(f"merge_params for {method}: {' cannot be combined with '.join(parts)}; "
+                         f"give the keys of one variant only")
+    in_use = next(iter(given), None) or next(iter(MERGE_METHODS[method].variants), None)
+
     out = {}
-    if method == "task_arithmetic":
-        b = get("base_model_idx")
-        out["base_model_idx"] = 0 if b is _UNSET else _index_param(method, "base_model_idx", b)
-    elif method == "ties":
-        threshold, density = get("threshold"), get("density")
-        if threshold is not _UNSET and density is not _UNSET:
-            raise MergeError("merge_params for ties: give either 'threshold' or 'density', not both")
-        if density is not _UNSET:
-            out["density"] = _float_param(method, "density", density, lambda v: 0.0 < v <= 1.0, "in (0, 1]")
+    for p in declared:
+        if p.variant and p.variant != in_use:
+            continue
+        if p.name in params:
+            out[p.name] = p.check(params[p.name], method)
+        elif p.default is REQUIRED:
+            with_variant = f" with {p.variant}" if p.variant else ""
+            raise MergeError(f"merge_params for {method} needs {p.name!r}{with_variant} ({p.describe()})")
         else:
-            out["threshold"] = 0.01 if threshold is _UNSET else _float_param(method, "threshold", threshold, lambda v: v >= 0.0, ">= 0")
-        b = get("base_model_idx")
-        out["base_model_idx"] = None if b is _UNSET else _index_param(method, "base_model_idx", b, allow_none=True)
-    elif method == "dare":
-        threshold, amp, rate = get("threshold"), get("amplification_factor"), get("drop_rate")
-        if rate is not _UNSET:
-            if threshold is not _UNSET or amp is not _UNSET:
-                raise MergeError("merge_params for dare: 'drop_rate' (random DARE) cannot be combined with "
-                                 "'threshold'/'amplification_factor' (threshold DARE)")
-            out["drop_rate"] = _float_param(method, "drop_rate", rate, lambda v: 0.0 <= v < 1.0, "in [0, 1)")
-        else:
-            out["threshold"] = 0.01 if threshold is _UNSET else _float_param(method, "threshold", threshold, lambda v: v >= 0.0, ">= 0")
-            out["amplification_factor"] = (2.0 if amp is _UNSET else
-                                           _float_param(method, "amplification_factor", amp, lambda v: v > 0.0, "> 0"))
-        b = get("base_model_idx")
-        out["base_model_idx"] = 0 if b is _UNSET else _index_param(method, "base_model_idx", b)
+            out[p.name] = p.default
     return out
+
+
+def _check_input_indices(method, params, n):
+    for p in MERGE_METHODS[method].params:
+        i = params.get(p.name)
+        if p.type is InputIndex and i is not None and i >= n:
+            raise MergeError(f"{p.name} {i} is out of range for {n} adapters (valid: 0..{n - 1})")
+
+
+def methods_help():
+    """One line for a --merge_method option: every method with its summary."""
+    return "; ".join(f"{m.name}: {m.summary.rstrip('.')}" for m in MERGE_METHODS.values()).replace("%", "%%")
+
+
+def params_help():
+    """One paragraph for a --merge_params option: every method's keys, "|" between variants, [default]."""
+    def key(p):
+        default = "" if p.default is REQUIRED else f" [{json.dumps(p.default)}]"
+        return f"{p.name} ({p.describe()}){default}"
+
+    def keys(method):
+        groups = [[key(p) for p in method.params if p.variant == v] for v in method.variants]
+        parts = [" | ".join(", ".join(g) for g in groups)] if groups else []
+        parts += [key(p) for p in method.params if not p.variant]
+        return "; ".join(parts) or "none"
+
+    text = ". ".join(f"{m.name}: {keys(m)}" for m in MERGE_METHODS.values())
+    return (f"JSON object of merge parameters; keys per method, [default], '|' between alternatives: {text} "
+            f"(what each key does: python merge.py -h)").replace("%", "%%")
+
+
+def describe_methods():
+    """Several lines: every method, its summary and each key with its range, default and help."""
+    lines = ["merge methods and their --merge_params keys:"]
+    for m in MERGE_METHODS.values():
+        lines.append(f"  {m.name}: {m.summary}")
+        if not m.params:
+            lines.append("      (no parameters)")
+        for p in m.params:
+            default = "required" if p.default is REQUIRED else f"default {json.dumps(p.default)}"
+            variant = f" [variant: {p.variant}{', the default' if p.variant == m.variants[0] else ''}]" if p.variant else ""
+            lines.append(f"      {p.name}: {p.describe()}, {default}{variant}; {p.help}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -229,10 +375,14 @@ def check_states(states, names=None):
 
 # ----------------------------------------------------------------------------- methods
 # Each method takes the inputs for one tensor name (in input order, any float dtype, already on
-# one device) and returns the merged float32 tensor.
+# one device) and returns the merged float32 tensor; see merge_method() for the whole contract.
 
+_BASE_HELP = "the input theta_b the others are taken relative to (its own weight is not used)"
+
+
+@merge_method("weighted_average", linear_in_weights=True)
 def _weighted_average(tensors, weights, params, key, seed):
-    """sum_i w_i * theta_i   (weights are coefficients: not normalised, may be negative)."""
+    """sum_i w_i theta_i (weights are coefficients: not normalised, may be negative)."""
     # zero-filled float32 accumulator + add_(alpha=w): each input is read once and widened to
     # float32 inside the kernel, measurably faster than .float() copies on CPU
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
@@ -242,8 +392,9 @@ def _weighted_average(tensors, weights, params, key, seed):
     return acc
 
 
+@merge_method("task_arithmetic", Param("base_model_idx", InputIndex, 0, _BASE_HELP), linear_in_weights=True)
 def _task_arithmetic(tensors, weights, params, key, seed):
-    """theta_b + sum_{i != b} w_i * (theta_i - theta_b),  b = base_model_idx.
+    """theta_b + sum_{i != b} w_i (theta_i - theta_b), b = base_model_idx.
 
     The base's own weight w_b is not used: the base enters with coefficient 1 by definition.
     """
@@ -258,8 +409,18 @@ def _task_arithmetic(tensors, weights, params, key, seed):
     return acc
 
 
+@merge_method(
+    "ties",
+    Param("threshold", float, 0.01, "trim the entries of w_i tau_i whose magnitude is below it",
+          valid="[0, inf)", variant="trim by threshold"),
+    Param("density", float, REQUIRED, "keep the int(density * numel) largest entries of each |w_i tau_i|, zero the rest",
+          valid="(0, 1]", variant="trim by density"),
+    Param("base_model_idx", InputIndex, None,
+          "tau_i = theta_i - theta_b around this input; null: tau_i = theta_i (a LoRA adapter already is a delta)"),
+    identity_params={"threshold": 0.0},  # the default threshold trims small entries of even a single input
+)
 def _ties(tensors, weights, params, key, seed):
-    """TIES-merging (Yadav et al. 2023) on weighted task vectors.
+    """TIES-merging (Yadav et al. 2023) of the weighted task vectors w_i tau_i.
 
     Task vectors: without base_model_idx (default) the adapters' tensors themselves
     (a LoRA adapter already is a delta from the frozen base model: the zero adapter is the
@@ -315,8 +476,19 @@ def derive_seed(seed, *parts):
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+@merge_method(
+    "dare",
+    Param("threshold", float, 0.01, "drop the entries of d_i whose magnitude is below it",
+          valid="[0, inf)", variant="threshold DARE"),
+    Param("amplification_factor", float, 2.0, "scale the kept entries of d_i by it",
+          valid="(0, inf)", variant="threshold DARE"),
+    Param("drop_rate", float, REQUIRED, "drop each entry of d_i with this probability (seeded) and rescale the rest "
+          "by 1/(1 - drop_rate)", valid="[0, 1)", variant="random DARE"),
+    Param("base_model_idx", InputIndex, 0, _BASE_HELP),
+    linear_in_weights=True,  # the masks depend on d_i, the seed and the tensor name, never on the weights
+)
 def _dare(tensors, weights, params, key, seed):
-    """DARE around base theta_b (b = base_model_idx, default 0), d_i = theta_i - theta_b.
+    """DARE around theta_b (b = base_model_idx): theta_b + sum_{i != b} w_i * sparsified d_i, d_i = theta_i - theta_b.
 
     threshold variant (default, as in the seed toolkit):
         theta_b + sum_{i != b} w_i * amplification_factor * d_i * [|d_i| >= threshold]
@@ -346,14 +518,6 @@ def _dare(tensors, weights, params, key, seed):
     return acc
 
 
-_METHOD_FNS = {
-    "weighted_average": _weighted_average,
-    "task_arithmetic": _task_arithmetic,
-    "ties": _ties,
-    "dare": _dare,
-}
-
-
 def _all_finite(t):
     # A single reduction instead of torch.isfinite (several times slower on bf16): any NaN/inf
     # entry makes the sum non-finite; a non-finite sum of finite entries (overflow) falls back
@@ -365,8 +529,8 @@ def _all_finite(t):
 def _nonfinite_error(key, tensors, labels, dtype):
     for i, t in enumerate(tensors):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            return MergeError(f"merged tensor {key!r} is not finite: {labels[i]} contains NaN/inf in {key!r}")
-    return MergeError(f"merged tensor {key!r} is not finite: the weighted result overflows {dtype} "
+            return NonFiniteMergeError(f"merged tensor {key!r} is not finite: {labels[i]} contains NaN/inf in {key!r}")
+    return NonFiniteMergeError(f"merged tensor {key!r} is not finite: the weighted result overflows {dtype} "
                       f"(inputs are finite; use smaller weights)")
 
 
@@ -375,20 +539,19 @@ def merge_state_dicts(states, weights, method="weighted_average", params=None, n
 
     states:  list of {tensor name: tensor}, all with the same names and shapes.
     weights: one finite coefficient per state (not normalised; negative allowed).
-    method:  one of MERGE_METHODS; params: see parse_merge_params; the formulas are in the
-             docstrings of _weighted_average, _task_arithmetic, _ties and _dare.
+    method:  a name in MERGE_METHODS; params: see parse_merge_params; the formulas are in the
+             docstrings of the registered functions (_weighted_average, _task_arithmetic, _ties, _dare).
     names:   labels used in error messages (default "adapter i").
     seed:    seeds DARE's random drop (drop_rate); unused by the other methods.
+    A NaN/inf result raises NonFiniteMergeError; every other problem MergeError.
     Compute is float32 on the device of states[0]'s tensors; each result takes states[0]'s dtype
     for that tensor. Non-float tensors must be identical across inputs and are copied.
     """
     params = parse_merge_params(method, params)
     labels = check_states(states, names)
     weights = _check_weights(weights, len(states))
-    b = params.get("base_model_idx")
-    if b is not None and b >= len(states):
-        raise MergeError(f"base_model_idx {b} is out of range for {len(states)} adapters (valid: 0..{len(states) - 1})")
-    fn = _METHOD_FNS[method]
+    _check_input_indices(method, params, len(states))
+    fn = MERGE_METHODS[method].fn
     out = {}
     for key, t0 in states[0].items():
         tensors = [t0] + [s[key] if s[key].device == t0.device else s[key].to(t0.device) for s in states[1:]]
@@ -640,9 +803,7 @@ def lora_merge(weights, lora_name_list, output_name, gpu_id, directly_load_safet
     labels = _labels(len(paths), paths)
     weights = _check_weights(weights, len(paths))
     params = parse_merge_params(merge_method, merge_params)
-    b = params.get("base_model_idx")
-    if b is not None and b >= len(paths):
-        raise MergeError(f"base_model_idx {b} is out of range for {len(paths)} adapters (valid: 0..{len(paths) - 1})")
+    _check_input_indices(merge_method, params, len(paths))
     if directly_load_safetensors not in (0, 1):
         raise MergeError(f"directly_load_safetensors must be 1 (adapters) or 0 (full/sharded models), "
                          f"got {directly_load_safetensors!r}")
@@ -666,12 +827,14 @@ class _OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    p = _OneLineParser(prog="merge.py", description="Merge LoRA adapters (or full models) with weights.")
+    p = _OneLineParser(prog="merge.py", description="Merge LoRA adapters (or full models) with weights.",
+                       epilog=describe_methods().replace("%", "%%"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="comma-separated coefficients, one per adapter, e.g. 0.5,0.5")
     p.add_argument("--adapters", required=True, nargs="+", help="adapter (or model) folders")
     p.add_argument("--output", required=True, help="output folder (replaced if it exists)")
     p.add_argument("--merge_method", default="weighted_average", help=f"one of {', '.join(MERGE_METHODS)}")
-    p.add_argument("--merge_params", default=None, help='JSON object, e.g. \'{"threshold": 0.01}\'')
+    p.add_argument("--merge_params", default=None, help='JSON object of the method\'s keys (listed below), '
+                                                         'e.g. \'{"threshold": 0.01}\'')
     p.add_argument("--fast_merge", type=int, default=1, help="1: adapter folders; 0: full or sharded models")
     p.add_argument("--gpu", default="cpu", help="GPU index or 'cpu'")
     p.add_argument("--seed", type=int, default=0, help="seed for dare's drop_rate")

@@ -92,8 +92,9 @@ def build_parser():
       help="record per-item dev correctness of every candidate at every iteration (correctness_emergence.json)")
     a("--dropK", type=float, default=0.0, help="probability of skipping a whole iteration's updates and evaluations")
     a("--dropN", type=float, default=0.0, help="probability of skipping one candidate's update and evaluation")
-    a("--merge_method", default="weighted_average", help="weighted_average, task_arithmetic, ties or dare")
-    a("--merge_params", default=None, help="JSON object of merge parameters, e.g. '{\"threshold\": 0.01}'")
+    a("--merge_method", default="weighted_average", choices=list(merge.MERGE_METHODS), metavar="METHOD",
+      help=merge.methods_help())
+    a("--merge_params", default=None, help=merge.params_help())
     a("--num_cpu_when_merging", type=int, default=1, help="CPU threads per worker for tensor work")
     a("--seed", type=int, default=42, help="seed of every random draw of the search")
     a("--reset_mode", default="scaled_random", choices=["scaled_random", "bounds"],

@@ -112,11 +112,9 @@ class TaskRunner:
             names = [os.path.basename(source[0]) for source in sources]
             try:
                 state = bwr.apply_update(update, states, method, self.config.get("merge_params"), names)
-            except merge.MergeError as e:
-                # non-finite merges are rejected, the candidate keeps its weights; other merge errors are fatal
-                if "not finite" in str(e):
-                    return {"utility": float("nan"), "accepted": False, "rejected": str(e), "timing": timing}
-                raise
+            except merge.NonFiniteMergeError as e:
+                # a non-finite merge is rejected, the candidate keeps its weights; other merge errors are fatal
+                return {"utility": float("nan"), "accepted": False, "rejected": str(e), "timing": timing}
             model, adapter_config = state, loaded[0][1]
         else:
             # full models (--fast_merge 0): merged shard by shard on disk, evaluated from the folder

@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,9 +15,14 @@ from transformers import AutoModelForCausalLM, GemmaConfig, GemmaForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # flat layout: the modules live in the repository root
 
+import merge  # noqa: E402
 from merge import (  # noqa: E402
     MERGE_METHODS,
+    REQUIRED,
+    InputIndex,
     MergeError,
+    NonFiniteMergeError,
+    Param,
     load_adapter,
     lora_merge,
     merge_state_dicts,
@@ -68,18 +74,162 @@ def states(*rows):
     return [{"t": torch.tensor(r, dtype=torch.float32)} for r in rows]
 
 
-# ----------------------------------------------------------------------------- algebra
+# ----------------------------------------------------------------------------- every registered method
+# The promises each registered method makes (merge.merge_method): these checks run on every name in
+# MERGE_METHODS, so a newly registered method is held to them without a test of its own. (Tests that
+# register a method of their own do it in a copy of the registry, put in place with monkeypatch.)
+
+def assert_identity(method, state):
+    """One input with weight 1 merges to itself, bit for bit, under the method's identity_params."""
+    out = merge_state_dicts([state], [1.0], method, merge.MERGE_METHODS[method].identity_params)
+    assert out.keys() == state.keys()
+    for k in state:
+        assert out[k].dtype == state[k].dtype
+        assert torch.equal(out[k], state[k]), (method, k)
+
+
+def assert_linear_in_weights(method, states, params):
+    """merge(w) - merge(0) is linear in w: additive and homogeneous (negative factors included)."""
+    def merged(w):
+        return merge_state_dicts(states, w, method, params, seed=5)
+
+    zero = merged([0.0] * len(states))
+    u, v = [0.3, -1.2, 0.7][:len(states)], [1.1, 0.4, -0.25][:len(states)]
+    mu, mv = merged(u), merged(v)
+    muv, m2u = merged([a + b for a, b in zip(u, v)]), merged([-2.5 * a for a in u])
+    for k in zero:
+        assert torch.allclose(muv[k] - zero[k], (mu[k] - zero[k]) + (mv[k] - zero[k]), atol=1e-5, rtol=1e-4), (method, k)
+        assert torch.allclose(m2u[k] - zero[k], -2.5 * (mu[k] - zero[k]), atol=1e-5, rtol=1e-4), (method, k)
+
+
+def one_params_per_variant(method):
+    """The declared defaults of each variant (a key without a default gets a value inside its interval)."""
+    def inside(p):
+        low, high = p.bounds[:2]
+        if math.isinf(low) and math.isinf(high):
+            return 1.0
+        return low + 1 if math.isinf(high) else high - 1 if math.isinf(low) else (low + high) / 2
+
+    declared = merge.MERGE_METHODS[method]
+    out = []
+    for variant in declared.variants or [""]:
+        out.append({p.name: inside(p) for p in declared.params if p.variant == variant and p.default is REQUIRED})
+    return out
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_single_weight_one_is_identity(tiny, dtype):
+@pytest.mark.parametrize("method", list(MERGE_METHODS))
+def test_every_method_is_identity_on_one_input(tiny, method, dtype):
     state, _ = load_adapter(tiny["adapters"][0])
-    state = {k: v.to(dtype) for k, v in state.items()}
-    for method in ("weighted_average", "task_arithmetic"):
-        out = merge_state_dicts([state], [1.0], method)
-        assert out.keys() == state.keys()
-        for k in state:
-            assert out[k].dtype == dtype
-            assert torch.equal(out[k], state[k]), (method, k)
+    assert_identity(method, {k: v.to(dtype) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("method", [m for m, d in MERGE_METHODS.items() if d.linear_in_weights])
+def test_linear_methods_are_linear_in_the_weights(tiny, method):
+    states = [load_adapter(a)[0] for a in tiny["adapters"]]
+    for params in one_params_per_variant(method):
+        assert_linear_in_weights(method, states, params)
+
+
+def test_checks_catch_a_method_that_breaks_its_promises(tiny, monkeypatch):
+    """The two checks above fail for methods that are not identities or not linear (so they test something)."""
+    monkeypatch.setattr(merge, "MERGE_METHODS", dict(MERGE_METHODS))
+
+    @merge.merge_method("doubled_sum", linear_in_weights=True)
+    def doubled(tensors, weights, params, key, seed):
+        """2 sum_i w_i theta_i."""
+        return 2 * sum(w * t.float() for t, w in zip(tensors, weights))
+
+    @merge.merge_method("squared_weights", linear_in_weights=True)
+    def squared(tensors, weights, params, key, seed):
+        """sum_i w_i^2 theta_i."""
+        return sum(w * w * t.float() for t, w in zip(tensors, weights))
+
+    states = [load_adapter(a)[0] for a in tiny["adapters"]]
+    with pytest.raises(AssertionError):
+        assert_identity("doubled_sum", states[0])
+    assert_identity("squared_weights", states[0])
+    with pytest.raises(AssertionError):
+        assert_linear_in_weights("squared_weights", states, {})
+    assert_linear_in_weights("doubled_sum", states, {})
+
+
+def test_register_a_method_and_use_it_end_to_end(tiny, tiny_population, data, tmp_path, monkeypatch):
+    """The README's recipe ("Adding a merge method"), its example verbatim: one decorated function; lora_merge,
+    merge.py's help and search.py's parsing and help pick it up from the declaration."""
+    monkeypatch.setattr(merge, "MERGE_METHODS", dict(MERGE_METHODS))
+    merge_method = merge.merge_method
+
+    @merge_method("shrunk_average",
+                  Param("shrink", float, 0.0, "fraction the weighted sum is shrunk by", valid="[0, 1]"),
+                  linear_in_weights=True)
+    def _shrunk_average(tensors, weights, params, key, seed):
+        """(1 - shrink) sum_i w_i theta_i."""
+        acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
+        for t, w in zip(tensors, weights):
+            acc.add_(t, alpha=w)
+        return acc.mul_(1.0 - params["shrink"])
+
+    assert_identity("shrunk_average", load_adapter(tiny["adapters"][0])[0])
+    assert_linear_in_weights("shrunk_average", [load_adapter(a)[0] for a in tiny["adapters"]], {"shrink": 0.3})
+    a0, a1 = tiny["adapters"][0], tiny["adapters"][1]
+    out = tmp_path / "shrunk"
+    lora_merge([0.3, 0.7], [str(a0), str(a1)], str(out), "cpu", merge_method="shrunk_average",
+               merge_params='{"shrink": 0.5}')
+    s0, s1, got = load_adapter(a0)[0], load_adapter(a1)[0], load_adapter(out)[0]
+    for k in s0:
+        assert close(got[k], 0.5 * (0.3 * s0[k] + 0.7 * s1[k]))
+    assert torch.isfinite(logits_with_adapter(tiny["base"], out)).all()
+    raises("merge_params 'shrink' for shrunk_average must be a number in [0, 1], got 2", lora_merge,
+           [1, 1], [str(a0), str(a1)], str(tmp_path / "never"), "cpu",
+           merge_method="shrunk_average", merge_params='{"shrink": 2}')
+    assert not (tmp_path / "never").exists()
+    assert "shrunk_average: (1 - shrink) sum_i w_i theta_i" in merge.describe_methods()
+    assert "shrink: a number in [0, 1], default 0.0" in merge.describe_methods()
+
+    import search
+    argv = ["-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", str(tiny_population / "experts"),
+            "-b", str(tiny_population / "base_model"), "--output_root", str(tmp_path), "--merge_method",
+            "shrunk_average", "--merge_params", '{"shrink": 0.25}']
+    args, _, _ = search.prepare(argv)
+    assert args.merge_params_dict == {"shrink": 0.25}
+    with pytest.raises(search.UsageError, match=r"'shrink' for shrunk_average must be a number in \[0, 1\], got -1"):
+        search.prepare(argv[:-1] + ['{"shrink": -1}'])
+    help_text = " ".join(search.build_parser().format_help().split())  # argparse wraps lines
+    assert "shrunk_average: (1 - shrink) sum_i w_i" in help_text and "shrink (a number in [0, 1]) [0.0]" in help_text
+
+
+def test_declaration_mistakes_are_refused(monkeypatch):
+    monkeypatch.setattr(merge, "MERGE_METHODS", dict(MERGE_METHODS))
+
+    def fn(tensors, weights, params, key, seed):
+        """sum_i theta_i."""
+        return sum(t.float() for t in tensors)
+
+    with pytest.raises(ValueError, match="already registered"):
+        merge.merge_method("ties")(fn)
+    with pytest.raises(ValueError, match="not an interval"):
+        Param("x", float, 0.5, "x", valid="0..1")
+    with pytest.raises(ValueError, match="default 2 is not a number in \\[0, 1\\]"):
+        Param("x", float, 2, "x", valid="[0, 1]")
+    with pytest.raises(ValueError, match="type must be"):
+        Param("x", str, "a", "x")
+    with pytest.raises(ValueError, match="twice"):
+        merge.merge_method("dup", Param("x", float, 0.0, "x"), Param("x", float, 1.0, "x"))(fn)
+    # a declared identity that is not valid for the method's own parameters: refused, and not registered
+    with pytest.raises(MergeError, match="unknown merge_params key"):
+        merge.merge_method("bad_identity", identity_params={"y": 1})(fn)
+    assert "bad_identity" not in merge.MERGE_METHODS
+    # a key without default is demanded when its variant is in use; an int parameter keeps its type
+    merge.merge_method("needs_k", Param("k", int, REQUIRED, "how many", valid="[1, inf)"),
+                       Param("at", InputIndex, None, "which input"), identity_params={"k": 1})(fn)
+    raises("merge_params for needs_k needs 'k' (an integer >= 1)", parse_merge_params, "needs_k", None)
+    raises("'k' for needs_k must be an integer >= 1, got 1.5", parse_merge_params, "needs_k", {"k": 1.5})
+    assert parse_merge_params("needs_k", {"k": 3, "at": None}) == {"k": 3, "at": None}
+    raises("at 4 is out of range for 1 adapters", merge_state_dicts, states([1.0]), [1.0], "needs_k", {"k": 1, "at": 4})
+
+
+# ----------------------------------------------------------------------------- algebra
 
 
 def test_weighted_average_is_linear(tiny):
@@ -248,8 +398,21 @@ def test_bad_weights_and_params():
     raises(["'density'", "in (0, 1]"], parse_merge_params, "ties", {"density": 1.5})
     raises(["'drop_rate'", "in [0, 1)"], parse_merge_params, "dare", {"drop_rate": 1.0})
     raises(["'amplification_factor'", "> 0"], parse_merge_params, "dare", {"amplification_factor": 0})
-    raises("either 'threshold' or 'density'", parse_merge_params, "ties", {"threshold": 0.1, "density": 0.5})
-    raises("cannot be combined", parse_merge_params, "dare", {"drop_rate": 0.1, "threshold": 0.1})
+    raises("'threshold' (trim by threshold) cannot be combined with 'density' (trim by density)",
+           parse_merge_params, "ties", {"threshold": 0.1, "density": 0.5})
+    raises("'threshold'/'amplification_factor' (threshold DARE) cannot be combined with 'drop_rate' (random DARE)",
+           parse_merge_params, "dare", {"drop_rate": 0.1, "threshold": 0.1, "amplification_factor": 1.0})
+    raises(["'base_model_idx'", "non-negative integer or null", "-1"], parse_merge_params, "ties", {"base_model_idx": -1})
+    raises(["'threshold'", "a number >= 0", "nan"], parse_merge_params, "ties", {"threshold": float("nan")})
+    # defaults fill in, only the variant in use appears, and parsing the result again changes nothing
+    for method, given, expect in [("ties", None, {"threshold": 0.01, "base_model_idx": None}),
+                                  ("ties", {"density": 0.3}, {"density": 0.3, "base_model_idx": None}),
+                                  ("dare", '{"amplification_factor": 1}', {"threshold": 0.01, "amplification_factor": 1.0,
+                                                                          "base_model_idx": 0}),
+                                  ("dare", {"drop_rate": 0}, {"drop_rate": 0.0, "base_model_idx": 0}),
+                                  ("weighted_average", " ", {})]:
+        parsed = parse_merge_params(method, given)
+        assert parsed == expect and parse_merge_params(method, parsed) == parsed
     raises("not valid JSON", parse_merge_params, "ties", "{threshold: 0.1}")
     raises("must be a JSON object", parse_merge_params, "ties", "[0.1]")
     raises(["base_model_idx 2 is out of range for 2 adapters", "0..1"],
@@ -263,7 +426,26 @@ def test_nonfinite_results_are_errors():
     raises(["merged tensor 'w' is not finite", "adapter 'b' contains NaN/inf"],
            merge_state_dicts, [good, bad], [0.5, 0.5], names=["a", "b"])
     half = {"w": torch.full((3,), 60000.0, dtype=torch.float16)}
-    raises(["merged tensor 'w' is not finite", "overflows torch.float16"], merge_state_dicts, [half, half], [1.0, 1.0])
+    with pytest.raises(NonFiniteMergeError, match="overflows torch.float16"):
+        merge_state_dicts([half, half], [1.0, 1.0])
+
+
+def test_worker_rejects_a_nonfinite_candidate_and_stops_on_other_merge_errors(tiny, tmp_path):
+    """The search worker tells the two apart by exception type: a NaN merge is a rejected candidate, a bad
+    parameter is an error."""
+    from workers import TaskRunner
+
+    state, config = load_adapter(tiny["adapters"][0])
+    nan_state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
+    save_adapter(tmp_path / "nan", nan_state, config)
+    task = {"op": "candidate", "sources": [[str(tiny["adapters"][0]), 0], [str(tmp_path / "nan"), 0]],
+            "update": {"kind": "combine", "weights": [0.5, 0.5]}, "split": "dev", "save_to": str(tmp_path / "out")}
+    result = TaskRunner("cpu", {"fast_merge": 1, "merge_method": "weighted_average", "merge_params": {}}).run(task)
+    assert result["accepted"] is False and math.isnan(result["utility"]) and "not finite" in result["rejected"]
+    assert not (tmp_path / "out").exists()
+    runner = TaskRunner("cpu", {"fast_merge": 1, "merge_method": "task_arithmetic", "merge_params": {"base_model_idx": 5}})
+    with pytest.raises(MergeError, match="base_model_idx 5 is out of range"):
+        runner.run(dict(task, sources=task["sources"][:1] * 2))
 
 
 def test_every_method_runs_on_real_adapters(tiny):
