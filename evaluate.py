@@ -1218,12 +1218,16 @@ def check_prompt_lengths(eval_type, dataset, base_model, only_one_or_two=None, t
     is not an error to the model: it generates past its trained positions, slowly and to no use (nlgraph on the
     tiny model: 2,697-token prompts against 2,048 positions ran for minutes)."""
     from transformers import AutoConfig, AutoTokenizer
-    config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config.get_text_config(),
-                                                                         "max_position_embeddings", None)
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config.get_text_config(),
+                                                                             "max_position_embeddings", None)
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code) if limit else None
+    except Exception as e:  # noqa: BLE001 - any failure here means the base model cannot be used
+        raise EvalError(f"cannot read the config and tokenizer of base model {base_model!r} ({_first_line(e)}); "
+                        f"give -b a local model folder or a hub id you can access (hf auth login)") from None
     if not limit:
         return
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     for name, kind, data in _prompt_sets(eval_type, dataset, only_one_or_two):
         for split in ("dev", "test"):
             prompts, chat, budget = _prompts_and_budget(kind, name, data, split, tokenizer)
