@@ -62,10 +62,14 @@ class EvalError(ValueError):
 DEFAULT_REWARD_MODEL = "internlm/internlm2-7b-reward"
 DEFAULT_JUDGE_MODEL = "gemini-1.5-flash"
 RM_EVAL_TYPES = ("rm_default", "rm_verbose", "rm_concise")
+# How an answer is read from a generation (README, "Scoring"): "published" reproduces the published evaluator, so
+# utilities compare with the paper's numbers; "strict" reads the answer where the model gives it (fewer false hits).
+SCORING_MODES = ("published", "strict")
 
 _DEFAULT_OPTIONS = {
     "batch_size": None,            # None: 16 on a GPU (sized for a 7B model), 32 on CPU
     "mc_scoring": "generate",      # or "logits": one forward pass, best option letter by next-token log-prob
+    "scoring": "published",        # answer extraction: "published" (the published evaluator's rules) or "strict"
     "reward_model": DEFAULT_REWARD_MODEL,
     "trust_remote_code": False,
     "judge_model": DEFAULT_JUDGE_MODEL,
@@ -93,7 +97,7 @@ JUDGE_MODEL_FACTORY = None
 
 def configure(**options):
     """Set per-process options; options not passed keep their current value. `configure(reset=True)` restores
-    every default first. Options: batch_size, mc_scoring, reward_model, trust_remote_code, judge_model, dtype,
+    every default first. Options: batch_size, mc_scoring, scoring, reward_model, trust_remote_code, judge_model, dtype,
     data_dir, max_new_tokens, perspective_qps, judge_qps, api_retries, api_backoff_s."""
     if options.pop("reset", False):
         OPTIONS.clear()
@@ -104,6 +108,7 @@ def configure(**options):
     checks = {
         "batch_size": (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
         "mc_scoring": (lambda v: v in ("generate", "logits"), "'generate' or 'logits'"),
+        "scoring": (lambda v: v in SCORING_MODES, " or ".join(repr(m) for m in SCORING_MODES)),
         "reward_model": (lambda v: isinstance(v, str) and v, "a model name or folder"),
         "trust_remote_code": (lambda v: isinstance(v, bool), "True or False"),
         "judge_model": (lambda v: isinstance(v, str) and v, "a Gemini model name"),
@@ -546,8 +551,33 @@ def multiple_choice_prompt(item, dataset, icl_prompt=None):
     return icl_prompt + "\n" + prompt if icl_prompt else prompt
 
 
+def read_choice(choices, output):
+    """The option key a generation picks under the --scoring rules, or None."""
+    if OPTIONS["scoring"] == "published":
+        return parse_choice_published(choices, output)
+    return parse_choice(choices, output)
+
+
+def parse_choice_published(choices, output):
+    """The published evaluator's reading, or None where it answers "Z" (always wrong). In order: the first listed
+    key found anywhere in the first five characters, then in the last five, then the first option whose text
+    (lower-cased) is contained in the output. Plain substrings: "All of them" picks A, as does "ABCD", and
+    "Actually, ... the answer is D." picks A from "Actua"."""
+    for key in choices:
+        if key in output[:5]:
+            return key
+    for key in choices:
+        if key in output[-5:]:
+            return key
+    lowered = output.lower()
+    for key, text in choices.items():
+        if str(text).lower() in lowered:
+            return key
+    return None
+
+
 def parse_choice(choices, output):
-    """The option key a generation picks, or None.
+    """The strict reading (--scoring strict): the option key a generation picks, or None.
 
     In order: a key at the very start ("B", " (B)", "B: ..."), "answer is X" anywhere, a key in the last five
     characters, then an option's text appearing in the output (longest option first, case-insensitive).
@@ -572,7 +602,7 @@ def parse_choice(choices, output):
 def mc_generate(model, tokenizer, items, dataset, icl_prompt=None):
     prompts = [multiple_choice_prompt(item, dataset, icl_prompt) for item in items]
     outputs = batch_generate(model, tokenizer, prompts, max_new_tokens=_budget("multiple_choice"))
-    return [parse_choice(item["choices"], out) for item, out in zip(items, outputs)], outputs
+    return [read_choice(item["choices"], out) for item, out in zip(items, outputs)], outputs
 
 
 def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_size=None):
@@ -751,14 +781,36 @@ def exact_match_budget(tokenizer, golds, rule):
     return longest + 8
 
 
+# --scoring published: the published evaluator's exact match. The gold is searched for as a plain substring of the
+# whole output ("3" is found in "13"); for gsm8k only in the output's last words (split on single spaces: 5 on the
+# dev split, 10 on the test split, as published). It generates 10 new tokens, 200 for gsm8k.
+PUBLISHED_LAST_WORDS = {"dev": 5, "test": 10}
+PUBLISHED_EXACT_MATCH_TOKENS = {"gsm8k": 200}
+
+
+def published_exact_match(dataset, split, gold, output):
+    """(pred, score): the gold when the published rule finds it (score 1.0), else the text it searched (0.0)."""
+    searched = output
+    if dataset == "gsm8k":
+        searched = " ".join(output.split(" ")[-PUBLISHED_LAST_WORDS[split]:])
+    return (gold, 1.0) if gold in searched else (searched, 0.0)
+
+
 def score_exact_match(model, tokenizer, data, dataset):
     items = data["items"]
-    rule = exact_match_rule(dataset)
     golds = [str(item["answer"]) for item in items]
-    budget = exact_match_budget(tokenizer, golds, rule)
-    outputs = batch_generate(model, tokenizer, [item["question"] for item in items], max_new_tokens=budget)
-    preds = [extract_answer(rule, g, o) for g, o in zip(golds, outputs)]
-    scores = [exact_match_score(rule, g, p) for g, p in zip(golds, preds)]
+    questions = [item["question"] for item in items]
+    if OPTIONS["scoring"] == "published":
+        budget = OPTIONS["max_new_tokens"] or PUBLISHED_EXACT_MATCH_TOKENS.get(dataset, 10)
+        outputs = batch_generate(model, tokenizer, questions, max_new_tokens=budget)
+        preds, scores = map(list, zip(*[published_exact_match(dataset, data.get("split", "dev"), g, o)
+                                        for g, o in zip(golds, outputs)])) if items else ([], [])
+    else:
+        rule = exact_match_rule(dataset)
+        budget = exact_match_budget(tokenizer, golds, rule)
+        outputs = batch_generate(model, tokenizer, questions, max_new_tokens=budget)
+        preds = [extract_answer(rule, g, o) for g, o in zip(golds, outputs)]
+        scores = [exact_match_score(rule, g, p) for g, p in zip(golds, preds)]
     record(golds=golds, preds=preds, scores=scores, outputs=outputs)
     return _mean(scores)
 
@@ -810,7 +862,7 @@ def score_abstain(model, tokenizer, data, dataset):
     items, icl = data["items"], data.get("icl_prompt")
     prompts = [multiple_choice_prompt(item, dataset, icl) for item in items]
     outputs = batch_generate(model, tokenizer, prompts, max_new_tokens=_budget("AbstainQA"))
-    preds = [parse_choice(item["choices"], out) for item, out in zip(items, outputs)]
+    preds = [read_choice(item["choices"], out) for item, out in zip(items, outputs)]
     golds = [item["answer"] for item in items]
     correct = [int(p == g) for p, g in zip(preds, golds)]
     reflections = batch_generate(model, tokenizer,
@@ -1125,6 +1177,77 @@ def score_human(model, tokenizer, data):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Prompt lengths: checked once, before a search starts
+
+def _prompt_sets(eval_type, dataset, only_one_or_two):
+    """[(dataset name, eval type of its items, validated data)] that an objective generates from."""
+    if eval_type != "multitask":
+        return [(dataset, eval_type, load_data(dataset, eval_type))]
+    data = load_data(dataset, "multitask")
+    names = list(data["datasets"])
+    if only_one_or_two is not None:
+        names = [names[0 if only_one_or_two == "one" else 1]]
+    return [(name, data["eval_types"][name], data["datasets"][name]) for name in names]
+
+
+def _prompts_and_budget(kind, name, data, split, tokenizer):
+    """(prompt texts, whether they go through the chat template, tokens generated after each) of one split."""
+    items = data[split]
+    if kind in ("multiple_choice", "AbstainQA"):
+        prompts = [multiple_choice_prompt(item, name, data.get("icl_prompt")) for item in items]
+        if kind == "AbstainQA":  # the reflection prompt repeats the prompt after the answer (at most a budget long)
+            return [p + ABSTAIN_REFLECTION.format(answer="") for p in prompts], False, \
+                _budget("AbstainQA") + _budget("abstain_reflection")
+        return prompts, False, 1 if OPTIONS["mc_scoring"] == "logits" else _budget("multiple_choice")
+    if kind == "exact_match":
+        golds = [str(item["answer"]) for item in items]
+        if OPTIONS["scoring"] == "published":
+            budget = OPTIONS["max_new_tokens"] or PUBLISHED_EXACT_MATCH_TOKENS.get(name, 10)
+        else:
+            budget = exact_match_budget(tokenizer, golds, exact_match_rule(name))
+        return [item["question"] for item in items], False, budget
+    if kind == "external_api":
+        return [item["prompt"] for item in items], False, _budget("external_api")
+    budget = _budget("rm") if kind in RM_EVAL_TYPES else _budget("human") if kind == "human" else None
+    return ([item["prompt"] for item in items], True, budget) if budget else ([], False, 0)
+
+
+def check_prompt_lengths(eval_type, dataset, base_model, only_one_or_two=None, trust_remote_code=False):
+    """Raise EvalError (one line naming dataset, split, item and lengths) when a prompt plus the tokens generated
+    after it does not fit the base model's context (max_position_embeddings). Without this check such a prompt
+    is not an error to the model: it generates past its trained positions, slowly and to no use (nlgraph on the
+    tiny model: 2,697-token prompts against 2,048 positions ran for minutes)."""
+    from transformers import AutoConfig, AutoTokenizer
+    try:
+        config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        limit = getattr(config, "max_position_embeddings", None) or getattr(config.get_text_config(),
+                                                                             "max_position_embeddings", None)
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code) if limit else None
+    except Exception as e:  # noqa: BLE001 - any failure here means the base model cannot be used
+        raise EvalError(f"cannot read the config and tokenizer of base model {base_model!r} ({_first_line(e)}); "
+                        f"give -b a local model folder or a hub id you can access (hf auth login)") from None
+    if not limit:
+        return
+    for name, kind, data in _prompt_sets(eval_type, dataset, only_one_or_two):
+        for split in ("dev", "test"):
+            prompts, chat, budget = _prompts_and_budget(kind, name, data, split, tokenizer)
+            if not prompts or (chat and not getattr(tokenizer, "chat_template", None)):
+                continue
+            if chat:
+                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                         add_generation_prompt=True) for p in prompts]
+            lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=not chat, verbose=False).input_ids]
+            too_long = [i for i, n in enumerate(lengths) if n + budget > limit]
+            if too_long:
+                first = too_long[0]
+                raise EvalError(f"dataset {name} ({split} split) item {first}: its prompt is {lengths[first]} tokens "
+                                f"+ {budget} to generate, more than the {limit} positions of base model {base_model} "
+                                f"({len(too_long)} of {len(prompts)} {split} items are too long, the longest "
+                                f"{max(lengths)} tokens); shorten or remove them, or use a base model with a "
+                                f"longer context")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Data, per-item results
 
 _DATA_CACHE = {}
@@ -1143,7 +1266,7 @@ def load_data(dataset, eval_type):
 
 def _split(data, split):
     """A split's items, plus the dataset-level fields scorers use."""
-    return {"items": data[split], "icl_prompt": data.get("icl_prompt")}
+    return {"items": data[split], "icl_prompt": data.get("icl_prompt"), "split": split}
 
 
 def _budget(kind):

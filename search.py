@@ -10,11 +10,12 @@ so `python search.py --resume search/<dir>` carries on after a crash or Ctrl-C, 
 Search directory layout (search/<name>_<hostname>[_<time>]/):
     args.json                  the arguments (no secrets)
     log.txt                    timestamped progress, per-iteration profile, final metrics
-    utility_scratchpad.json    best, worst, history, candidate_i, candidate_i_history
+    utility_scratchpad.json    best, worst, history, candidate_i, candidate_i_history (the published keys), worst_history
     state.json                 everything needed to resume (iteration, step length, rng state, counters)
     candidate_i/               current weights of population member i
-    global_best/ global_worst/ best weights ever found; worst member of the final population
-    final_metrics.json         the overall metrics at the end
+    global_best/ global_worst/ best weights ever found; worst member of the final population (--clean_up_on_end 0)
+    final_metrics.json         the overall metrics at the end (ours and the published names)
+    correctness_emergence.json per-item dev correctness of every candidate per iteration (--correctness_emergence 1)
     utility_curve.png          best, worst and every candidate over iterations
 """
 
@@ -75,21 +76,24 @@ def build_parser():
     a("--restart_patience", type=float, default=0.5, help="see --restart_stray_candidates")
     a("--populate_initial_experts", type=int, default=0, choices=[0, 1],
       help="fill the population up to --initial_experts_num with crossover children of random expert pairs")
-    a("--initial_experts_num", type=int, default=20, help="population size when --populate_initial_experts 1")
+    a("--initial_experts_num", type=int, default=None,
+      help="population size when --populate_initial_experts 1 (required then; the published scripts use 20)")
     a("--starting_test_set_eval", type=int, default=0, choices=[0, 1],
       help="also evaluate every initial candidate on the test set at the start (logged)")
     a("--fast_merge", type=int, default=1, choices=[0, 1],
       help="1: experts are single-file LoRA adapters, merged in memory; 0: full or multi-shard models, merged on disk")
-    a("--project_name_wb", default="bwr_model", help="Weights & Biases project")
+    a("--project_name_wb", default="bwr", help="Weights & Biases project")
     a("--wandb_mode", default=None, choices=["online", "offline", "disabled"],
       help="W&B mode; default: WANDB_MODE if set, else online when logged in, else offline (never prompts)")
-    a("--clean_up_on_end", type=int, default=0, choices=[0, 1],
-      help="remove candidate_i/ and global_worst/ at the end (global_best/ and the records are kept)")
+    a("--clean_up_on_end", type=int, default=1, choices=[0, 1],
+      help="1: leave no global_worst/ at the end, as the published clean-up removes worst/ (candidate_i/, "
+           "global_best/ and the records are kept); 0: keep global_worst/")
     a("--only_one_or_two", default=None, choices=["one", "two"], help="multitask: optimise only one of the two sets")
     a("--to_visualize", type=int, default=0, choices=[0, 1],
       help="record each candidate's trajectory as a fixed random 2-D projection of its weights (trajectory.png)")
     a("--correctness_emergence", type=int, default=0, choices=[0, 1],
-      help="record per-item dev correctness of every candidate at every iteration (correctness_emergence.json)")
+      help="record per-item dev correctness of every candidate at every iteration (correctness_emergence.json, "
+           "rewritten each iteration)")
     a("--dropK", type=float, default=0.0, help="probability of skipping a whole iteration's updates and evaluations")
     a("--dropN", type=float, default=0.0, help="probability of skipping one candidate's update and evaluation")
     a("--merge_method", default="weighted_average", choices=list(merge.MERGE_METHODS), metavar="METHOD",
@@ -103,6 +107,10 @@ def build_parser():
     a("--batch_size", type=int, default=None, help="generation batch size (default: 16 on GPU, 32 on CPU)")
     a("--mc_scoring", default="generate", choices=["generate", "logits"],
       help="multiple choice: parse generated answers, or pick the letter with the highest next-token logit")
+    a("--scoring", default="published", choices=["published", "strict"],
+      help="answer extraction: 'published' reproduces the published evaluator (comparable with the paper's "
+           "numbers: exact match = gold contained in the output; the letter among the first or last 5 characters), "
+           "'strict' reads the answer where the model gives it (README, Scoring)")
     a("--reward_model", default="internlm/internlm2-7b-reward", help="reward model of the rm_* objectives")
     a("--trust_remote_code", type=int, default=0, choices=[0, 1], help="allow models that need remote code")
     a("--judge_model", default="gemini-1.5-flash", help="Gemini model of the 'human' objective (Vertex AI)")
@@ -124,7 +132,7 @@ NUMERIC_RULES = [  # (flag, test, what is valid)
     ("step_length_factor", lambda v: 0 < v <= 1, "a number in (0, 1]"),
     ("minimum_step_length", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
     ("restart_patience", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
-    ("initial_experts_num", lambda v: v >= 3, "an integer >= 3"),
+    ("initial_experts_num", lambda v: v is None or v >= 3, "an integer >= 3"),
     ("dropK", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("dropN", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("num_cpu_when_merging", lambda v: v >= 1, "an integer >= 1"),
@@ -174,6 +182,9 @@ def validate_args(args):
             raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
     if args.minimum_step_length > args.step_length:
         raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
+    if args.populate_initial_experts and args.initial_experts_num is None:
+        raise UsageError("--populate_initial_experts 1 needs --initial_experts_num N, the population size to fill up "
+                         "to (the published scripts use 20)")
     for flag in ("name", "eval_type", "dataset"):
         if not getattr(args, flag):
             raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
@@ -199,6 +210,14 @@ def validate_args(args):
         raise UsageError(str(e)) from None
     args.experts, args.ignored = find_experts(args.initial_expert_directory, args.fast_merge)
     check_experts(args.experts, args.base_model, args.fast_merge, args.trust_remote_code)
+    # a prompt longer than the base model's context is no error to the model: it would generate past its trained
+    # positions, for minutes and to no use, so it is found here, before any directory or worker exists
+    try:
+        evaluate.configure(scoring=args.scoring, mc_scoring=args.mc_scoring, data_dir=args.data_dir)
+        evaluate.check_prompt_lengths(args.eval_type, args.dataset, args.base_model, args.only_one_or_two,
+                                      bool(args.trust_remote_code))
+    except evaluate.EvalError as e:
+        raise UsageError(str(e)) from None
 
 
 def find_experts(directory, fast_merge):
@@ -284,7 +303,7 @@ def _check_base_model_fits(expert, shapes, base_model, trust_remote_code):
     except Exception as e:  # noqa: BLE001 - any failure here means the base model cannot be used
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot read the config of base model {base_model!r} ({first_line}); give -b a local "
-                         f"model folder or a hub id you can access (huggingface-cli login)") from None
+                         f"model folder or a hub id you can access (hf auth login)") from None
     hidden = getattr(config, "hidden_size", None)
     layers = getattr(config, "num_hidden_layers", None)
     for key, shape in shapes.items():
@@ -461,7 +480,8 @@ class Search:
 
     def worker_config(self):
         a = self.args
-        eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "reward_model": a.reward_model,
+        eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "scoring": a.scoring,
+                        "reward_model": a.reward_model,
                         "trust_remote_code": bool(a.trust_remote_code), "judge_model": a.judge_model,
                         "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
         threads = a.num_cpu_when_merging
@@ -520,6 +540,10 @@ class Search:
         # derived from the state and rewritten by every commit and by finish(): written atomically but not fsynced,
         # a power cut can leave it one iteration behind until the next commit, never torn
         write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state), durable=False)
+        if self.args.correctness_emergence:
+            # one line, like state.json: it holds candidates x iterations x items numbers
+            atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"),
+                              json.dumps(correctness_emergence(self.state)), durable=False)
         self.trash.put(self.staging_root)
 
     def utilities(self):
@@ -547,6 +571,10 @@ class Search:
                           "update": {"kind": "combine", "weights": weights}, "split": "dev",
                           "accept_if_at_least": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
                           "cache_as": [self.cand(i), 0]})
+            if len(recipe["parents"]) == 1:
+                # an initial expert is scored as it is: ties or dare would change even a lone expert of weight 1
+                # (trim, rescale, drop), and starting_best_* must describe the experts the user gave
+                tasks[-1]["merge_method"] = "weighted_average"
         self.log(f"initialising {size} candidates from {len(experts)} experts")
         results = self.run_tasks(tasks, "initial evaluation")
         candidates = []
@@ -569,6 +597,8 @@ class Search:
         }
         if a.correctness_emergence:
             self.record_emergence(0, {i: r for i, r in enumerate(results)})
+        # the initial population's per-item results, for the published starting_top-k_ensemble_* metrics
+        self.state["starting_details"] = {"dev": compact_details([r.get("details") for r in results]), "test": None}
         # the best initial expert's test accuracy is the baseline the search has to beat
         test_targets = range(len(candidates)) if a.starting_test_set_eval else [start]
         test_tasks = [{"op": "evaluate", "path": os.path.join(self.staging, f"candidate_{i}"), "version": 0,
@@ -578,6 +608,8 @@ class Search:
             candidates[i]["starting_test_utility"] = result["utility"]
             self.log(f"candidate_{i}: starting test utility {result['utility']:.4f}")
         self.state["starting_best"]["test_utility"] = candidates[start]["starting_test_utility"]
+        if a.starting_test_set_eval:
+            self.state["starting_details"]["test"] = compact_details([r.get("details") for r in test_results])
         moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(size)]
         moves += self.best_worst_moves(None)[0]
         self.state["rng"] = bwr.rng_state(rng)
@@ -615,7 +647,7 @@ class Search:
             scores = (result.get("details") or {}).get("scores")
             if scores is not None:
                 rows[f"candidate_{i}"] = scores
-        self.state["emergence"][str(iteration)] = rows
+        self.state["emergence"].setdefault(str(iteration), {}).update(rows)
 
     # -- one iteration
     def iterate(self):
@@ -699,6 +731,8 @@ class Search:
                         c.update(utility=result["utility"], version=k + 0.5, stale=0)
                         restarted.append(i)
                         self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
+                if a.correctness_emergence:
+                    self.record_emergence(k, {i: r for i, r in zip(stray, restart_results) if r["accepted"]})
         for c in s["candidates"]:
             c["history"].append(c["utility"])
 
@@ -745,57 +779,66 @@ class Search:
     def finish(self):
         a, s = self.args, self.state
         n = len(s["candidates"])
-        # global_worst/: written once, here, rather than after every iteration (before the evaluations below add
-        # golds_preds_test.json to the candidate folders; a resumed finish() leaves those out as well)
-        staged = os.path.join(self.dir, ".global_worst.new")
-        shutil.rmtree(staged, ignore_errors=True)
-        link_tree(self.cand(s["worst"]["candidate"]), staged, ignore=shutil.ignore_patterns("golds_preds_*"))
-        apply_moves([[staged, os.path.join(self.dir, "global_worst")]])
-        self.log("final evaluation of every candidate and the global best on the test set")
-        tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": "test",
-                  "details_to": os.path.join(self.cand(i), "golds_preds_test.json")} for i in range(n)]
+        if a.clean_up_on_end:
+            # the published clean-up removes worst/: it is not written at all (a resumed finish removes it)
+            shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
+        else:
+            # global_worst/: written once, here, rather than after every iteration (before the evaluations below
+            # add golds_preds_*.json to the candidate folders; a resumed finish() leaves those out as well)
+            staged = os.path.join(self.dir, ".global_worst.new")
+            shutil.rmtree(staged, ignore_errors=True)
+            link_tree(self.cand(s["worst"]["candidate"]), staged, ignore=shutil.ignore_patterns("golds_preds_*"))
+            apply_moves([[staged, os.path.join(self.dir, "global_worst")]])
+        self.log("final evaluation of every candidate and the global best on the test and dev sets")
+        tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": split,
+                  "details_to": os.path.join(self.cand(i), f"golds_preds_{split}.json")}
+                 for split in ("test", "dev") for i in range(n)]
         best_dir = os.path.join(self.dir, "global_best")
         tasks.append({"op": "evaluate", "path": best_dir, "version": s["best"]["iteration"], "split": "dev",
                       "details_to": os.path.join(best_dir, "golds_preds_dev.json")})
         tasks.append({"op": "evaluate", "path": best_dir, "version": s["best"]["iteration"], "split": "test",
                       "details_to": os.path.join(best_dir, "golds_preds_test.json")})
         results = self.run_tasks(tasks, "final evaluation")
-        test = [r["utility"] for r in results[:n]]
-        best_dev, best_test = results[n]["utility"], results[n + 1]["utility"]
+        test, dev = results[:n], results[n:2 * n]
+        best_dev, best_test = results[2 * n], results[2 * n + 1]
         metrics = {
             "starting_best_validation_utility": s["starting_best"]["utility"],
             "starting_best_single_test_accuracy": s["starting_best"]["test_utility"],
             "ending_best_validation_utility": s["best"]["utility"],
-            "ending_best_single_test_accuracy": best_test,
-            "ending_best_validation_utility_reevaluated": best_dev,
+            "ending_best_single_test_accuracy": best_test["utility"],
+            "ending_best_validation_utility_reevaluated": best_dev["utility"],
             "starting_best_expert": s["starting_best"]["expert"],
             "ending_best_candidate": f"candidate_{s['best']['candidate']}",
             "iterations": s["iteration"],
         }
-        if isinstance(results[n + 1].get("details"), dict) and "per_dataset" in results[n + 1]["details"]:
-            for name, value in results[n + 1]["details"]["per_dataset"].items():
-                metrics[f"ending_best_test_accuracy_{name}"] = value
-        metrics.update(ensembles([r.get("details") for r in results[:n]], [c["utility"] for c in s["candidates"]],
+        metrics.update(ensembles([r.get("details") for r in test], [c["utility"] for c in s["candidates"]],
                                  a.eval_type))
-        for i, value in enumerate(test):
-            metrics[f"candidate_{i}_test_utility"] = value
+        for i, r in enumerate(test):
+            metrics[f"candidate_{i}_test_utility"] = r["utility"]
+        published, published_dev = published_metrics(s, a.eval_type, [r.get("details") for r in test],
+                                                      [r.get("details") for r in dev], best_dev, best_test)
+        metrics.update(published)
+        metrics.update(published_dev)
         write_json(os.path.join(self.dir, "final_metrics.json"), metrics)
         s["stage"] = "done"
         s["final_metrics"] = metrics
         write_state(self.dir, s)
         write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
+        if a.correctness_emergence:
+            atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"), json.dumps(correctness_emergence(s)))
         plot(s, self.dir, a.to_visualize)
         for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
                     "ending_best_validation_utility", "ending_best_single_test_accuracy"):
             self.log(f"{key}: {metrics[key]:.4f}")
         for key, value in metrics.items():
-            if key.startswith("top") and "ensemble" in key:
+            if (key.startswith("top") and "ensemble" in key) or key.startswith("ending_best_single_dev_") or \
+                    (key.startswith("ending_best_single_test_") and key != "ending_best_single_test_accuracy"):
                 self.log(f"{key}: {value:.4f}")
+        # the published lines, for scripts written for the published log.txt
+        self.log("final metrics for test: " + str(published))
+        self.log("final ensemble metrics for dev: " + str(published_dev))
         if a.clean_up_on_end:
-            for i in range(n):
-                shutil.rmtree(self.cand(i), ignore_errors=True)
-            shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
-            self.log("cleaned up candidate_i/ and global_worst/ (global_best/ and the records are kept)")
+            self.log("clean-up (--clean_up_on_end 1): no global_worst/ kept; candidate_i/ and global_best/ are")
         if self.wandb is not None:
             self.wandb.summary.update(metrics)
         return metrics
@@ -852,13 +895,92 @@ def _wandb_logged_in():
 
 
 def scratchpad(state):
-    """utility_scratchpad.json: derived from the state, so it is identical however often the search resumed."""
+    """utility_scratchpad.json: derived from the state, so it is identical however often the search resumed.
+    The published keys with the published shapes (best, worst: numbers; history: the global best after each
+    iteration, the initial population's first; candidate_i: number; candidate_i_history: list), plus
+    worst_history and iteration."""
     pad = {"best": state["best"]["utility"], "worst": state["worst"]["utility"],
-           "history": state["history"], "iteration": state["iteration"]}
+           "history": state["history"]["best"], "worst_history": state["history"]["worst"],
+           "iteration": state["iteration"]}
     for i, c in enumerate(state["candidates"]):
         pad[f"candidate_{i}"] = c["utility"]
         pad[f"candidate_{i}_history"] = c["history"]
     return pad
+
+
+def correctness_emergence(state):
+    """correctness_emergence.json in the published shape: {"<i>": [per-item dev scores of candidate i at iteration
+    0, 1, ...]} (1/0 correctness for accuracy objectives). The state records a candidate's row only when its
+    weights change (at iteration 0, when an update is accepted, when it restarts); other iterations repeat it."""
+    n = len(state["candidates"])
+    rows, current = {str(i): [] for i in range(n)}, [None] * n
+    for k in range(state["iteration"] + 1):
+        recorded = state["emergence"].get(str(k), {})
+        for i in range(n):
+            current[i] = recorded.get(f"candidate_{i}", current[i])
+            rows[str(i)].append(current[i])
+    return rows
+
+
+def compact_details(details):
+    """Per-item results of a population, kept in the state: golds once, preds and scores per candidate."""
+    if not details or any(not isinstance(d, dict) for d in details):
+        return None
+    return {"golds": details[0].get("golds"), "preds": [d.get("preds") for d in details],
+            "scores": [d.get("scores") for d in details]}
+
+
+def population_ensemble(compact, eval_type):
+    """The published overall_metrics ensemble of a whole population ("top-k" there is every candidate): a majority
+    vote of the predictions (ties: the prediction met first, in candidate order) for multiple_choice, AbstainQA and
+    multitask (for multitask the published code writes 0); the mean per-item score for every other objective.
+    None when per-item results are missing."""
+    if not compact:
+        return None
+    if eval_type in ("multiple_choice", "AbstainQA", "multitask"):
+        golds, preds = compact["golds"], compact["preds"]
+        if not golds or any(p is None or len(p) != len(golds) for p in preds):
+            return None
+        correct = 0
+        for j, gold in enumerate(golds):
+            votes = {}
+            for p in preds:
+                votes[p[j]] = votes.get(p[j], 0) + 1
+            correct += max(votes, key=votes.get) == gold
+        return correct / len(golds)
+    scores = compact["scores"]
+    if any(sc is None or len(sc) != len(scores[0]) for sc in scores) or not scores[0]:
+        return None
+    per_item = [sum(float(sc[j]) for sc in scores) / len(scores) for j in range(len(scores[0]))]
+    return sum(per_item) / len(per_item)
+
+
+def published_metrics(state, eval_type, test_details, dev_details, best_dev, best_test):
+    """The two dicts the published search.py logs at the end ("final metrics for test", "final ensemble metrics
+    for dev"), with its key names. Values: the seed README's (the best initial expert and the global best); the
+    starting test ensemble needs --starting_test_set_eval 1 (None otherwise); multitask adds each dataset's
+    figure of the global best, on test and dev."""
+    s = state
+    starting = s.get("starting_details") or {}
+    final_utilities = [c["utility"] for c in s["candidates"]]
+    on_validation = next((i for i, u in enumerate(final_utilities) if u == s["best"]["utility"]), -1)
+    test = {
+        "starting_best_validation_utility": s["starting_best"]["utility"],
+        "ending_best_validation_utility": s["best"]["utility"],
+        "starting_best_single_test_accuracy": s["starting_best"]["test_utility"],
+        "ending_best_single_test_accuracy": best_test["utility"],
+        "starting_top-k_ensemble_test_accuracy": population_ensemble(starting.get("test"), eval_type),
+        "ending_top-k_ensemble_test_accuracy": population_ensemble(compact_details(test_details), eval_type),
+        "ending_best_candidate_on_validation": on_validation,
+    }
+    for split, result in (("test", best_test), ("dev", best_dev)):
+        for name, part in ((result.get("details") or {}).get("parts") or {}).items():
+            test[f"ending_best_single_{split}_{name}"] = part["accuracy"]
+    dev = {
+        "starting_top-k_ensemble_dev_accuracy": population_ensemble(starting.get("dev"), eval_type),
+        "ending_top-k_ensemble_dev_accuracy": population_ensemble(compact_details(dev_details), eval_type),
+    }
+    return test, dev
 
 
 def ensembles(details, dev_utilities, eval_type):
@@ -958,6 +1080,7 @@ def prepare(argv):
             raise UsageError(f"--resume {args.resume}: not a search directory (no args.json)")
         given = explicit_flags(argv) - {"resume"}
         recorded = read_json(os.path.join(directory, "args.json"))
+        recorded.setdefault("scoring", "strict")  # searches recorded before --scoring existed used the strict rules
         refused = sorted(f for f in given if f not in RESUMABLE_OVERRIDES and getattr(args, f) != recorded.get(f))
         if refused:
             raise UsageError(f"--resume cannot change --{', --'.join(refused)}; only "

@@ -21,8 +21,8 @@ ${DRY_RUN:+echo} "$PYTHON" search.py \
     --initial_experts_num 20 \
     -p 10 \
     -g 0,1,2,3,4 \
-    -m 50 \
+    -m 200 \
     --starting_test_set_eval 1 \
     --fast_merge 1 \
-    --project_name_wb bwr_model \
+    --project_name_wb bwr \
     "$@"

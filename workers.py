@@ -104,14 +104,16 @@ class TaskRunner:
         import merge
         timing = {}
         start = time.perf_counter()
+        # a task may name its own method: the initial experts are taken as they are (weighted_average, weight 1)
+        method = task.get("merge_method") or self.config.get("merge_method", "weighted_average")
+        params = None if task.get("merge_method") else self.config.get("merge_params")
         if self.config.get("fast_merge", 1):
-            method = self.config.get("merge_method", "weighted_average")
             sources, update = _used_sources(task["sources"], task["update"], method)
             loaded = [self.load(*source) for source in sources]
             states = [state for state, _ in loaded]
             names = [os.path.basename(source[0]) for source in sources]
             try:
-                state = bwr.apply_update(update, states, method, self.config.get("merge_params"), names)
+                state = bwr.apply_update(update, states, method, params, names)
             except merge.NonFiniteMergeError as e:
                 # a non-finite merge is rejected, the candidate keeps its weights; other merge errors are fatal
                 return {"utility": float("nan"), "accepted": False, "rejected": str(e), "timing": timing}
@@ -124,8 +126,7 @@ class TaskRunner:
             used = [(w, _on_disk(source)) for w, source in zip(update["weights"], task["sources"]) if w != 0.0]
             tmp = task["save_to"] + ".merging"
             merge.lora_merge([w for w, _ in used], [p for _, p in used], tmp, self.device, directly_load_safetensors=0,
-                             merge_method=self.config.get("merge_method", "weighted_average"),
-                             merge_params=self.config.get("merge_params"), seed=update.get("seed", 0))
+                             merge_method=method, merge_params=params, seed=update.get("seed", 0))
             model, adapter_config = tmp, None
         timing["merge"] = time.perf_counter() - start
 

@@ -9,7 +9,7 @@ seed and source give the same file). Sizes follow the published files: 200 dev /
 source has enough labelled items; --list and the NOTES below say where it does not.
 
 Offline: --local_dir DIR reads DIR/NAME/ instead of the Hub, a snapshot of the source repository, e.g.
-    huggingface-cli download cais/mmlu --repo-type dataset --local-dir DIR/mmlu
+    hf download cais/mmlu --repo-type dataset --local-dir DIR/mmlu
 When DIR/NAME/<config>/ exists (hub snapshots keep one folder per config: cais/mmlu all/,
 nguha/legalbench hearsay/, allenai/scifact claims/ and corpus/), that folder is read; split names come from
 the file names as `datasets` infers them (test-00000-of-00001.parquet, validation.jsonl, ...).
@@ -339,12 +339,12 @@ def _one_line(exc):
 def hub_failure(name, repo, config, exc):
     where = f"{name} ({repo}" + (f", config {config}" if config else "") + ")"
     fixes = ("connect to the network, or set HF_HUB_OFFLINE=1 to use copies already in the Hugging Face cache, "
-             "log in with `huggingface-cli login` for gated sets, or convert downloaded copies with --local_dir DIR")
+             "log in with `hf auth login` for gated sets, or convert downloaded copies with --local_dir DIR")
     if _is_unreachable(exc):
         return f"prepare_data: {where} failed: the Hugging Face Hub is unreachable ({_one_line(exc)}); {fixes}"
     if type(exc).__name__ in ("DatasetNotFoundError", "GatedRepoError", "RepositoryNotFoundError"):
         return (f"prepare_data: {where} failed: not found or gated on the Hub ({_one_line(exc)}); accept its "
-                f"terms on huggingface.co and log in with `huggingface-cli login`, or use --local_dir DIR")
+                f"terms on huggingface.co and log in with `hf auth login`, or use --local_dir DIR")
     return f"prepare_data: {where} failed: {_one_line(exc)}; {fixes}"
 
 
@@ -382,7 +382,7 @@ def _load_local(name, source, config, split, local_dir):
         folder = folder / config
     if not folder.is_dir():
         raise SourceError(f"prepare_data: {name}: no local copy at {folder}; download it with "
-                          f"`huggingface-cli download {source.repo} --repo-type dataset --local-dir "
+                          f"`hf download {source.repo} --repo-type dataset --local-dir "
                           f"{local_dir / name}` or drop --local_dir to read the Hub")
     try:
         loaded = datasets.load_dataset(str(folder))

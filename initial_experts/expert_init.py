@@ -91,7 +91,7 @@ def _hub_failure_message(name, exc):
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     reason = f"{type(exc).__name__}: {reason[:160]}" if reason else type(exc).__name__
     return (f"could not download {HUB_NAMESPACE}/{name} from the Hugging Face Hub ({reason}). "
-            f"Check the network, log in with `huggingface-cli login` (or set HF_TOKEN) and accept the "
+            f"Check the network, log in with `hf auth login` (or set HF_TOKEN) and accept the "
             f"Gemma licence at {GEMMA_LICENCE_URL}; or build the offline tiny population with "
             f"`python initial_experts/expert_init.py --tiny`.")
 

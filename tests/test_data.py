@@ -549,7 +549,7 @@ def test_prepare_missing_local_copy_is_one_line(tmp_path):
     result = run(["data/prepare_data.py", "gsm8k", "--local_dir", str(tmp_path), "--out_dir", str(tmp_path)])
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
-    assert "gsm8k" in result.stderr and "huggingface-cli download openai/gsm8k" in result.stderr
+    assert "gsm8k" in result.stderr and "hf download openai/gsm8k" in result.stderr
 
 
 def test_prepare_without_network_exits_2_with_one_line(tmp_path):
@@ -560,7 +560,7 @@ def test_prepare_without_network_exits_2_with_one_line(tmp_path):
     line = result.stderr.strip()
     assert "\n" not in line, result.stderr
     assert "medqa" in line and "GBaker/MedQA-USMLE-4-options" in line and "unreachable" in line
-    assert "HF_HUB_OFFLINE" in line and "huggingface-cli login" in line and "--local_dir" in line
+    assert "HF_HUB_OFFLINE" in line and "hf auth login" in line and "--local_dir" in line
     assert not (tmp_path / "medqa.json").exists()
 
 

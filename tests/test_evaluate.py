@@ -303,7 +303,89 @@ def test_exact_match_rules():
     assert ev.exact_match_score("yes_no_or_number", "3", ev.extract_answer("yes_no_or_number", "3", "13")) == 0.0
 
 
+# The published evaluator's readings (--scoring published, the default) against the strict ones, on the outputs the
+# two rule sets disagree on. Each row: (gold, output, published score, strict score).
+EXACT_MATCH_CASES = {
+    "tiny_demo": [("3", "13", 1.0, 0.0),                          # a substring, not the answer
+                  ("3", "3", 1.0, 1.0),
+                  ("dqk", "the answer: dqk", 1.0, 0.0),           # strict reads the first words only
+                  ("dqk", " dqk\nmore", 1.0, 1.0),
+                  ("ab", "a b", 0.0, 0.0)],
+    "nlgraph": [("3", "The shortest path is 0->3->5 with length 11", 1.0, 0.0),
+                ("11", "The shortest path is 0->3->5 with length 11", 1.0, 0.0),  # strict: the first number
+                ("Yes", "yes", 0.0, 1.0),                         # published is case-sensitive
+                ("No", "No, they are not connected", 1.0, 1.0)],
+}
+
+
+@pytest.mark.parametrize("dataset", sorted(EXACT_MATCH_CASES))
+def test_exact_match_published_and_strict_readings(dataset):
+    for gold, output, published, strict in EXACT_MATCH_CASES[dataset]:
+        assert ev.published_exact_match(dataset, "dev", gold, output)[1] == published, (gold, output)
+        rule = ev.exact_match_rule(dataset)
+        assert ev.exact_match_score(rule, gold, ev.extract_answer(rule, gold, output)) == strict, (gold, output)
+
+
+def test_exact_match_published_gsm8k_reads_the_last_words_5_on_dev_10_on_test():
+    output = "So she pays 42 dollars in total for the seven new books she bought"  # 42 is 12th from the end
+    assert ev.published_exact_match("gsm8k", "dev", "42", output) == ("for the seven new books she bought"
+                                                                       .split(" ", 2)[2], 0.0)
+    assert ev.published_exact_match("gsm8k", "test", "42", output)[1] == 0.0
+    near = "So she pays 42 dollars in total for the new books"  # 42 is 8th from the end
+    assert ev.published_exact_match("gsm8k", "dev", "42", near)[1] == 0.0
+    assert ev.published_exact_match("gsm8k", "test", "42", near) == ("42", 1.0)
+    # split on single spaces, as published: a newline does not separate words
+    assert ev.published_exact_match("gsm8k", "dev", "7", "x y z\n7 a b c d")[1] == 1.0
+    # other datasets (mgsm included) search the whole output
+    assert ev.published_exact_match("mgsm_hindi", "dev", "42", near)[1] == 1.0
+
+
+def test_parse_choice_published_reproduces_the_published_rules():
+    choices = {"A": "Paris", "B": "London", "C": "Rome", "D": "New York"}
+    cases = [(" B", "B", "B"),
+             ("All of them", "A", None),                              # "A" in "All o"
+             ("ABCD", "A", None),
+             ("Actually, I think the answer is D.", "A", "D"),        # "Actua" holds an A
+             ("I think the answer is D.", "D", "D"),                  # last five characters "is D."
+             ("The capital is london", "B", "B"),                     # option text, lower-cased
+             ("B, A", "A", "B"),                                      # keys in listed order: A before B
+             ("Hmm, maybe rome or paris", "A", "A"),                  # first listed option whose text matches
+             ("none", None, None)]
+    for output, published, strict in cases:
+        assert ev.parse_choice_published(choices, output) == published, output
+        assert ev.parse_choice(choices, output) == strict, output
+        ev.configure(scoring="published")
+        assert ev.read_choice(choices, output) == published
+        ev.configure(scoring="strict")
+        assert ev.read_choice(choices, output) == strict
+
+
+def test_scoring_option_is_validated():
+    assert ev.OPTIONS["scoring"] == "published"
+    with pytest.raises(ev.EvalError, match="scoring='loose' is invalid: expected 'published' or 'strict'"):
+        ev.configure(scoring="loose")
+
+
+def test_published_scoring_on_the_model_follows_the_rule(tiny, experts):
+    """Real generations: every item scores 1 exactly when its gold is in the output (10 new tokens), and the
+    strict rules score a subset of those items on tiny_demo (they read the first words only)."""
+    u = _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
+    d = ev.last_details()
+    assert d["scores"] == [float(g in o) for g, o in zip(d["golds"], d["outputs"])]
+    assert u == sum(d["scores"]) / N_DEV
+    ev.configure(scoring="strict")
+    _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
+    strict = ev.last_details()["scores"]
+    assert all(p >= s for p, s in zip(d["scores"], strict))
+    ev.configure(scoring="published")
+    _eval(str(experts[1]), "multiple_choice", "tiny_mc", tiny)
+    d = ev.last_details()
+    items = json.loads((Path(ev.OPTIONS["data_dir"]) / "tiny_mc.json").read_text())["dev"]
+    assert d["preds"] == [ev.parse_choice_published(item["choices"], o) for item, o in zip(items, d["outputs"])]
+
+
 def test_exact_match_nlgraph(tiny, experts):
+    ev.configure(scoring="strict")
     u = _eval(str(experts[0]), "exact_match", "nlgraph", tiny)
     d = ev.last_details()
     assert len(d["scores"]) == 4 and u == sum(d["scores"]) / 4
@@ -311,6 +393,7 @@ def test_exact_match_nlgraph(tiny, experts):
 
 
 def test_exact_match_tiny_demo_and_budget(tiny, experts):
+    ev.configure(scoring="strict")
     u = _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
     d = ev.last_details()
     assert len(d["scores"]) == N_DEV and u == sum(d["scores"]) / N_DEV

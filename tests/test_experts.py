@@ -264,7 +264,7 @@ def test_published_download_without_network_fails_fast(tmp_path, env):
     assert time.time() - t0 < 60
     line = _one_line_error(proc)
     assert "could not download bunsenfeng/code_alpaca" in line
-    assert "huggingface-cli login" in line and "Gemma licence" in line and "--tiny" in line
+    assert "hf auth login" in line and "Gemma licence" in line and "--tiny" in line
     assert list(tmp_path.iterdir()) == []  # no partial download left behind
 
 

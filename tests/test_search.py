@@ -38,8 +38,10 @@ def two_iterations(tiny, data, tmp_path_factory):
 def test_search_produces_every_output(two_iterations):
     root, directory, proc = two_iterations
     for name in ("args.json", "log.txt", "utility_scratchpad.json", "state.json", "final_metrics.json",
-                 "utility_curve.png", "trajectory.png", "global_best", "global_worst", "candidate_0"):
+                 "utility_curve.png", "trajectory.png", "global_best", "candidate_0", "correctness_emergence.json"):
         assert os.path.exists(os.path.join(directory, name)), name
+    # --clean_up_on_end 1 (the published default) removes the worst, as the published clean-up does
+    assert not os.path.exists(os.path.join(directory, "global_worst"))
     pad = json.load(open(os.path.join(directory, "utility_scratchpad.json")))
     n = len([d for d in os.listdir(directory) if d.startswith("candidate_")])
     assert n == 10
@@ -107,7 +109,7 @@ def test_help_lists_every_flag():
                  "--initial_experts_num", "--starting_test_set_eval", "--fast_merge", "--project_name_wb",
                  "--clean_up_on_end", "--only_one_or_two", "--to_visualize", "--correctness_emergence", "--dropK",
                  "--dropN", "--merge_method", "--merge_params", "--num_cpu_when_merging", "--seed", "--reset_mode",
-                 "--greedy", "--batch_size", "--mc_scoring", "--reward_model", "--trust_remote_code",
+                 "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model", "--trust_remote_code",
                  "--judge_model", "--wandb_mode", "--resume", "--backend", "--ray_address"):
         assert flag in out.stdout, flag
 
@@ -141,9 +143,9 @@ def test_gpu_script_without_gpu_stops_at_once_pointing_to_cpu():
 def test_other_merge_method_and_bounds_reset_run(tiny, data, tmp_path):
     run_search(tmp_path, "-m", "1", "--merge_method", "task_arithmetic", "--merge_params", '{"base_model_idx": 1}',
                "--reset_mode", "bounds", "--greedy", "0", "--populate_initial_experts", "1",
-               "--initial_experts_num", "12", "--dropN", "0.3", "--clean_up_on_end", "1")
+               "--initial_experts_num", "12", "--dropN", "0.3", "--clean_up_on_end", "0")
     directory = only_dir(tmp_path)
-    assert not os.path.exists(os.path.join(directory, "candidate_0"))
+    assert os.path.exists(os.path.join(directory, "global_worst", "adapter_model.safetensors"))
     assert os.path.exists(os.path.join(directory, "global_best", "adapter_model.safetensors"))
     pad = json.load(open(os.path.join(directory, "utility_scratchpad.json")))
     assert "candidate_11" in pad
