@@ -514,11 +514,16 @@ def _normalize_adapter_files(tmp):
         (adapter / "README.md").unlink(missing_ok=True)
 
 
+# What evaluate.py writes beside a candidate it scores (golds_preds_dev.json / golds_preds_test.json): outputs of
+# using the population, not part of it.
+EVALUATION_OUTPUTS = "golds_preds_*.json"
+
+
 def file_hashes(root):
-    """{path relative to root: sha256} of every file under root."""
+    """{path relative to root: sha256} of every file under root, evaluation outputs left out."""
     root = Path(root)
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.match(EVALUATION_OUTPUTS)}
 
 
 def read_manifest(path=MANIFEST):
