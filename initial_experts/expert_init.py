@@ -1,15 +1,18 @@
 """Initial experts: the ten published Gemma-7B-it LoRA experts, or the embedded tiny population.
 
     python initial_experts/expert_init.py                 # download the published experts (needs the Hub)
-    python initial_experts/expert_init.py --tiny          # build the offline tiny population
+    python initial_experts/expert_init.py --tiny          # verify the shipped tiny population (initial_experts/tiny)
+    python initial_experts/expert_init.py --tiny --rebuild            # rebuild it with the recipe and compare
+    python initial_experts/expert_init.py --tiny --rebuild --record   # after a recipe change: rebuild, re-record
 
 Published: adapter files only (adapter_config.json + adapter_model.safetensors) of
 bunsenfeng/<name> into initial_experts/<name>/. Each expert is downloaded into a temp
 folder beside its target and renamed into place once complete, so an interrupted
 download is retried on the next call and a complete one is skipped.
 
-Tiny (default for trying the toolkit and for every test), built offline on CPU and
-deterministically from --seed into initial_experts/tiny/:
+Tiny (default for trying the toolkit and for every test): shipped in initial_experts/tiny/ and
+checked against the sha256 manifest initial_experts/tiny.sha256; the recipe below rebuilds it
+offline on CPU, deterministically from --seed, with pinned CPU kernels (see "reproducible build"):
   base_model/    GemmaForCausalLM with a character-level tokenizer, pre-trained on
                  ambiguous tiny_demo data (data/tiny_demo.py): it can compute each
                  operation's intended and distractor answer but does not know which is meant
@@ -17,7 +20,7 @@ deterministically from --seed into initial_experts/tiny/:
                  fine-tuned on the intended convention of one or two operations
   reward_model/  GemmaForSequenceClassification (num_labels=1) scoring chat exchanges;
                  see reward_target() for what it rewards
-  build_stamp.json  seed + recipe hash; a call with the same seed and recipe does nothing
+  build_stamp.json  seed, variant, recipe hash, kernel pin and library versions
 """
 
 import argparse
