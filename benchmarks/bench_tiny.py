@@ -30,7 +30,7 @@ UNPINNED_BUILD = ("import sys; sys.path.insert(0, 'initial_experts'); sys.path.i
 
 def timed(cmd, env=None):
     start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
