@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv tiny data bench clean
+.PHONY: demo test venv tiny rebuild-tiny data bench clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -14,9 +14,15 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# the embedded tiny population (base model, 10 LoRA experts, reward model); cached, rebuilt only if the recipe changes
+# the embedded tiny population (base model, 10 LoRA experts, reward model) is shipped in initial_experts/tiny:
+# `make tiny` verifies it against initial_experts/tiny.sha256 (a second); `make rebuild-tiny` rebuilds it with the
+# recipe on this machine and compares (minutes). After a deliberate recipe change, re-record with
+#   python initial_experts/expert_init.py --tiny --rebuild --record
 tiny: venv
 	$(PY) initial_experts/expert_init.py --tiny
+
+rebuild-tiny: venv
+	$(PY) initial_experts/expert_init.py --tiny --rebuild
 
 # generated evaluation sets (nlgraph, the tiny objectives, the demo objective)
 data: venv
@@ -34,6 +40,8 @@ bench: tiny data
 	$(PY) benchmarks/bench_merge.py
 	$(PY) benchmarks/bench_evaluate.py
 	$(PY) benchmarks/bench_search.py
+	$(PY) benchmarks/bench_tiny.py
 
+# generated data only: initial_experts/tiny is tracked (git checkout -- initial_experts/tiny restores it)
 clean:
-	rm -rf initial_experts/tiny data/eval/tiny_*.json data/eval/nlgraph.json
+	rm -rf data/eval/tiny_*.json data/eval/nlgraph.json

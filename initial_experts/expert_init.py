@@ -1,15 +1,18 @@
 """Initial experts: the ten published Gemma-7B-it LoRA experts, or the embedded tiny population.
 
     python initial_experts/expert_init.py                 # download the published experts (needs the Hub)
-    python initial_experts/expert_init.py --tiny          # build the offline tiny population
+    python initial_experts/expert_init.py --tiny          # verify the shipped tiny population (initial_experts/tiny)
+    python initial_experts/expert_init.py --tiny --rebuild            # rebuild it with the recipe and compare
+    python initial_experts/expert_init.py --tiny --rebuild --record   # after a recipe change: rebuild, re-record
 
 Published: adapter files only (adapter_config.json + adapter_model.safetensors) of
 bunsenfeng/<name> into initial_experts/<name>/. Each expert is downloaded into a temp
 folder beside its target and renamed into place once complete, so an interrupted
 download is retried on the next call and a complete one is skipped.
 
-Tiny (default for trying the toolkit and for every test), built offline on CPU and
-deterministically from --seed into initial_experts/tiny/:
+Tiny (default for trying the toolkit and for every test): shipped in initial_experts/tiny/ and
+checked against the sha256 manifest initial_experts/tiny.sha256; the recipe below rebuilds it
+offline on CPU, deterministically from --seed, with pinned CPU kernels (see "reproducible build"):
   base_model/    GemmaForCausalLM with a character-level tokenizer, pre-trained on
                  ambiguous tiny_demo data (data/tiny_demo.py): it can compute each
                  operation's intended and distractor answer but does not know which is meant
@@ -17,7 +20,7 @@ deterministically from --seed into initial_experts/tiny/:
                  fine-tuned on the intended convention of one or two operations
   reward_model/  GemmaForSequenceClassification (num_labels=1) scoring chat exchanges;
                  see reward_target() for what it rewards
-  build_stamp.json  seed + recipe hash; a call with the same seed and recipe does nothing
+  build_stamp.json  seed, variant, recipe hash, kernel pin and library versions
 """
 
 import argparse
@@ -263,67 +266,6 @@ def _task_texts(items):
     return texts, starts
 
 
-def recipe_hash(recipe):
-    h = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode())
-    for src in (Path(__file__).resolve(), REPO_ROOT / "data" / "tiny_demo.py"):
-        h.update(src.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _stamp(seed, quick):
-    recipe = dict(TINY_RECIPE, quick=bool(quick))
-    return {"seed": seed, "quick": bool(quick), "recipe_hash": recipe_hash(recipe)}
-
-
-def read_stamp(out):
-    try:
-        return json.loads((Path(out) / "build_stamp.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def build_tiny(out, seed=0, quick=False, log=True):
-    """Build the tiny population into out (skipped when out already holds this exact build)."""
-    import fcntl
-
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stamp = _stamp(seed, quick)
-    if read_stamp(out) == stamp:
-        if log:
-            print(f"tiny population in {out} is up to date (seed {seed}); nothing to do")
-        return False
-    # Concurrent callers (parallel test sessions) wait for one builder instead of racing.
-    # The lock lives outside the repository so that it never shows up as an untracked file.
-    lock_path = Path(tempfile.gettempdir()) / f"bwr-tiny-{hashlib.sha1(str(out).encode()).hexdigest()[:12]}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if read_stamp(out) == stamp:
-            return False
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
-        os.chmod(tmp, 0o755)
-        try:
-            _build_into(tmp, seed, quick, log)
-            (tmp / "build_stamp.json").write_text(json.dumps(stamp, indent=1) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-    _retarget_adapters(out)
-    return True
-
-
-def _retarget_adapters(out):
-    # Written after the rename so the configs name the final base path (the search
-    # passes -b explicitly; this only helps tools that read base_model_name_or_path).
-    for cfg_path in sorted((out / "experts").glob("*/adapter_config.json")):
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = str(out / "base_model")
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
 def _build_into(out, seed, quick, log):
     import torch
     from data.tiny_demo import SKILLS, make_dataset, make_items
@@ -332,7 +274,7 @@ def _build_into(out, seed, quick, log):
     div = r["quick_divisor"] if quick else 1
     threads = torch.get_num_threads()
     det = torch.are_deterministic_algorithms_enabled()
-    # One thread + deterministic kernels: identical bytes for the same seed on any machine.
+    # One thread + deterministic algorithms; build_tiny() has pinned the CPU kernels (see pinned_build_env()).
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     t0 = time.time()
@@ -444,6 +386,246 @@ def _build_into(out, seed, quick, log):
         torch.use_deterministic_algorithms(det)
 
 
+# ---------------------------------------------------------------- reproducible build
+# Everything from the "tiny population" line above to this line is the recipe: its text (with TINY_RECIPE,
+# the tokenizer constants and data/tiny_demo.py) is hashed into the build stamp. Below: how a build is run,
+# stamped, recorded and verified; editing it does not change the recipe hash.
+
+RECIPE_START = "# " + "-" * 64 + " tiny population"
+RECIPE_END = "# " + "-" * 64 + " reproducible build"
+DEFAULT_TINY = HERE / "tiny"
+# sha256 of every file of the shipped population and of every generated data file, in `sha256sum` format
+# (paths relative to the repository root, so `sha256sum -c initial_experts/tiny.sha256` checks it too).
+MANIFEST = HERE / "tiny.sha256"
+RECORD_COMMAND = "python initial_experts/expert_init.py --tiny --rebuild --record"
+RESTORE_HINT = (f"restore the shipped files with `git checkout -- initial_experts/tiny`, or after a deliberate "
+                f"recipe change rebuild and re-record them with `{RECORD_COMMAND}`")
+
+# CPU float results depend on which kernels run: ATen picks AVX2/AVX-512 code at run time and MKL its own
+# code path per CPU, and both change the rounding of sums (measured: 4 distinct quick builds from the same
+# seed on one AVX-512 machine by flipping these two). Pinned to the baseline x86-64 ATen kernels, MKL's
+# reproducible-across-CPUs mode and one thread, a build gives the same bytes on any x86-64 CPU.
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE",
+                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# Libraries whose version changes the bytes of a build (weights, config.json, tokenizer.json).
+BUILD_LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "safetensors")
+
+
+def recipe_hash(recipe):
+    h = hashlib.sha256(json.dumps([recipe, SPECIAL_TOKENS, CHAT_TEMPLATE], sort_keys=True).encode())
+    source = Path(__file__).resolve().read_text()
+    h.update(source[source.index(RECIPE_START):source.index(RECIPE_END)].encode())
+    h.update((REPO_ROOT / "data" / "tiny_demo.py").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def library_versions():
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in BUILD_LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _stamp(seed, quick):
+    """What the bytes of a build depend on: recipe, seed, pinned kernels and library versions."""
+    recipe = dict(TINY_RECIPE, quick=bool(quick))
+    return {"seed": seed, "quick": bool(quick), "recipe_hash": recipe_hash(recipe),
+            "kernels": dict(PINNED_KERNELS), "versions": library_versions()}
+
+
+def read_stamp(out):
+    try:
+        return json.loads((Path(out) / "build_stamp.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pin_build_kernels():
+    """Set PINNED_KERNELS in this process; they act only if torch has not been imported yet."""
+    if "torch" in sys.modules and any(os.environ.get(k) != v for k, v in PINNED_KERNELS.items()):
+        raise UsageError("the tiny build must pin its CPU kernels before torch is imported; run "
+                         "`python initial_experts/expert_init.py --tiny` in its own process")
+    os.environ.update(PINNED_KERNELS)
+
+
+def _check_kernels_pinned():
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "DEFAULT" or os.environ.get("MKL_CBWR") != PINNED_KERNELS["MKL_CBWR"]:
+        raise UsageError(f"the tiny build needs pinned CPU kernels (ATen capability DEFAULT and MKL_CBWR=COMPATIBLE, "
+                         f"got {capability} and {os.environ.get('MKL_CBWR')}); run it through expert_init.py's CLI")
+
+
+def _locked_build(out, seed, quick, log, keep):
+    """Build into a temp folder beside out; keep(tmp) decides whether it replaces out. Returns keep's answer."""
+    import fcntl
+
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent callers (parallel test sessions) wait for one builder instead of racing.
+    # The lock lives outside the repository so that it never shows up as an untracked file.
+    lock_path = Path(tempfile.gettempdir()) / f"bwr-tiny-{hashlib.sha1(str(out).encode()).hexdigest()[:12]}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if keep is None and read_stamp(out) == _stamp(seed, quick):
+            return False  # built meanwhile by another caller
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+        os.chmod(tmp, 0o755)
+        try:
+            _check_kernels_pinned()
+            _build_into(tmp, seed, quick, log)
+            (tmp / "build_stamp.json").write_text(json.dumps(_stamp(seed, quick), indent=1, sort_keys=True) + "\n")
+            _normalize_adapter_files(tmp)
+            verdict = True if keep is None else keep(tmp)
+            if verdict:
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(tmp, out)
+            return verdict
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build_tiny(out, seed=0, quick=False, log=True):
+    """Build a tiny population into out unless out's stamp already matches; True if it built."""
+    if read_stamp(out) == _stamp(seed, quick):
+        if log:
+            print(f"tiny population in {out} is up to date (seed {seed}); nothing to do")
+        return False
+    return _locked_build(out, seed, quick, log, keep=None)
+
+
+def _normalize_adapter_files(tmp):
+    # What peft writes beside the weights depends on where and in which process it ran: the temp build path
+    # (adapter_config.json and the generated model card README.md) and target_modules in set order (string
+    # hashing is randomized per process). The search passes -b explicitly; for tools that read
+    # base_model_name_or_path, the base is named relative to the adapter folder, right wherever the population
+    # lives. The model card holds nothing else of use and is dropped.
+    for adapter in sorted(p for p in (tmp / "experts").iterdir() if p.is_dir()):
+        cfg_path = adapter / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = "../../base_model"
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (adapter / "README.md").unlink(missing_ok=True)
+
+
+# What evaluate.py writes beside a candidate it scores (golds_preds_dev.json / golds_preds_test.json): outputs of
+# using the population, not part of it.
+EVALUATION_OUTPUTS = "golds_preds_*.json"
+
+
+def file_hashes(root):
+    """{path relative to root: sha256} of every file under root, evaluation outputs left out."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and not p.match(EVALUATION_OUTPUTS)}
+
+
+def read_manifest(path=MANIFEST):
+    """{repository-relative path: sha256} from a `sha256sum`-format file."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read the population manifest {path} ({exc.strerror or exc}); "
+                         f"restore it with `git checkout -- {Path(path).relative_to(REPO_ROOT)}`")
+    entries = {}
+    for line in lines:
+        if line.strip() and not line.startswith("#"):
+            digest, name = line.split(maxsplit=1)
+            entries[name.strip().lstrip("*")] = digest
+    return entries
+
+
+def manifest_population(manifest, prefix="initial_experts/tiny/"):
+    return {k[len(prefix):]: v for k, v in manifest.items() if k.startswith(prefix)}
+
+
+def manifest_data(manifest, prefix="data/eval/"):
+    return {k[len(prefix):]: v for k, v in manifest.items() if k.startswith(prefix)}
+
+
+def _differing(expected, found):
+    return sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+
+
+def _describe(names, limit=4):
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def verify_tiny(out):
+    """Check that out holds the shipped default population: stamp first, then every file's sha256."""
+    out = Path(out)
+    expected = manifest_population(read_manifest())
+    stamp = read_stamp(out)
+    if stamp is None:
+        raise UsageError(f"{out} holds no tiny population (build_stamp.json missing or unreadable); {RESTORE_HINT}")
+    want = _stamp(0, False)
+    for key, what in (("recipe_hash", "recipe"), ("kernels", "kernel pin"), ("seed", "seed"), ("quick", "variant")):
+        if stamp.get(key) != want[key]:
+            raise UsageError(f"{out} was built with another {what} ({key} {json.dumps(stamp.get(key))}, this code "
+                             f"expects {json.dumps(want[key])}); {RESTORE_HINT}")
+    differ = _differing(expected, file_hashes(out))
+    if differ:
+        raise UsageError(f"{out} differs from {MANIFEST.relative_to(REPO_ROOT)} in {len(differ)} file(s) "
+                         f"({_describe(differ)}); {RESTORE_HINT}")
+    return stamp
+
+
+def generated_data_hashes():
+    """sha256 of every generated data file for the default seed, written into a temp folder."""
+    from data import build as data_build
+    from data import tiny_demo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_build.build(tmp, seed=0)
+        tiny_demo.write_dataset(Path(tmp) / "tiny_demo.json", seed=0)
+        return file_hashes(tmp)
+
+
+def write_manifest(population):
+    lines = [f"# sha256 of the shipped tiny population and of the generated data files; re-record after a "
+             f"deliberate recipe change with: {RECORD_COMMAND}"]
+    lines += [f"{h}  initial_experts/tiny/{name}" for name, h in sorted(file_hashes(population).items())]
+    lines += [f"{h}  data/eval/{name}" for name, h in sorted(generated_data_hashes().items())]
+    tmp = MANIFEST.with_name(MANIFEST.name + f".tmp{os.getpid()}")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, MANIFEST)
+
+
+def rebuild_tiny(out, record, log=True):
+    """Rebuild the default population with the recipe and compare it with the manifest.
+
+    Identical: installed into out. Different: out is left alone and a UsageError names the files,
+    unless record, which installs the rebuilt files and re-records the manifest.
+    """
+    expected = manifest_population(read_manifest()) if MANIFEST.exists() or not record else {}
+    differ = []
+
+    def keep(tmp):
+        differ.extend(_differing(expected, file_hashes(tmp)))
+        if record:
+            write_manifest(tmp)
+        return record or not differ
+
+    _locked_build(out, 0, False, log, keep)
+    if differ and not record:
+        raise RebuildDiffers(f"the rebuilt population differs from {MANIFEST.relative_to(REPO_ROOT)} in "
+                             f"{len(differ)} file(s) ({_describe(differ)}); kept the files in {out}. After a "
+                             f"deliberate recipe change re-record with `{RECORD_COMMAND}`")
+
+
+class RebuildDiffers(Exception):
+    """A rebuild gave other bytes than the manifest: a failed check (exit 1), not bad input."""
+
+
 # ---------------------------------------------------------------- CLI
 
 class _Parser(argparse.ArgumentParser):
@@ -453,10 +635,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    parser = _Parser(description="Download the published LoRA experts, or build the offline tiny population.")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _Parser(description="Download the published LoRA experts, or verify / build the offline tiny population.")
     parser.add_argument("--tiny", action="store_true",
-                        help="build the embedded tiny population offline instead of downloading")
-    parser.add_argument("--seed", type=int, default=0, help="tiny build seed (default 0)")
+                        help="the embedded tiny population: verify the shipped initial_experts/tiny against "
+                             "initial_experts/tiny.sha256 (or build one with --seed/--quick/--out)")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="with --tiny: rebuild the shipped population with the recipe and compare it with the "
+                             "manifest (installed only if identical)")
+    parser.add_argument("--record", action="store_true",
+                        help="with --tiny --rebuild: install the rebuilt population and re-record the manifest "
+                             "(after a deliberate recipe change)")
+    parser.add_argument("--seed", type=int, default=0, help="tiny build seed (default 0: the shipped population)")
     parser.add_argument("--out", default=None,
                         help="output folder (default: initial_experts/tiny with --tiny, else initial_experts/)")
     parser.add_argument("--quick", action="store_true",
@@ -467,15 +657,41 @@ def main(argv=None):
 
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}")
-    if not args.tiny and (args.quick or args.seed != 0):
-        parser.error("--quick and --seed apply only to --tiny builds")
+    if not args.tiny and (args.quick or args.seed != 0 or args.rebuild or args.record):
+        parser.error("--quick, --seed, --rebuild and --record apply only to --tiny")
     if args.tiny and args.only:
         parser.error("--only applies only to the published experts (drop --tiny)")
+    if args.record and not args.rebuild:
+        parser.error("--record re-records the manifest from a rebuild: use --tiny --rebuild --record")
+    out = Path(args.out).resolve() if args.out else DEFAULT_TINY
+    shipped = args.seed == 0 and not args.quick
+    if args.tiny and not shipped and out == DEFAULT_TINY:
+        parser.error(f"--seed {args.seed}{' --quick' if args.quick else ''} would overwrite the shipped population "
+                     f"in {DEFAULT_TINY}; give --out")
+    if args.tiny and args.rebuild and not shipped:
+        parser.error("--rebuild checks the shipped population (seed 0, full steps): drop --seed/--quick")
+    if args.record and out != DEFAULT_TINY:
+        parser.error(f"--record writes the manifest of {DEFAULT_TINY}: drop --out")
     try:
         if args.tiny:
-            out = Path(args.out) if args.out else HERE / "tiny"
+            pin_build_kernels()
             t0 = time.time()
-            if build_tiny(out, seed=args.seed, quick=args.quick):
+            if args.rebuild:
+                rebuild_tiny(out, args.record)
+                what = "re-recorded " + str(MANIFEST.relative_to(REPO_ROOT)) if args.record else \
+                    f"identical to {MANIFEST.relative_to(REPO_ROOT)}"
+                print(f"rebuilt the tiny population in {out} in {time.time() - t0:.0f}s: {what}")
+            elif shipped:
+                if not out.exists():  # another folder for the default population: a verified copy
+                    verify_tiny(DEFAULT_TINY)
+                    shutil.copytree(DEFAULT_TINY, out)
+                stamp = verify_tiny(out)
+                print(f"tiny population in {out} verified against {MANIFEST.relative_to(REPO_ROOT)} "
+                      f"(seed 0, recipe {stamp['recipe_hash']})")
+                if stamp.get("versions") != library_versions():
+                    print(f"note: built with {stamp.get('versions')}, this environment has {library_versions()}; "
+                          f"the shipped files are unchanged, but a --rebuild here may give other bytes")
+            elif build_tiny(out, seed=args.seed, quick=args.quick):
                 print(f"built tiny population in {out} (seed {args.seed}) in {time.time() - t0:.0f}s")
         else:
             names = PUBLISHED_EXPERTS
@@ -488,6 +704,9 @@ def main(argv=None):
     except UsageError as exc:
         print(f"expert_init.py: error: {exc}", file=sys.stderr)
         return 2
+    except RebuildDiffers as exc:
+        print(f"expert_init.py: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:
         print(f"expert_init.py: error: {exc.filename or ''} {exc.strerror or exc}".replace("  ", " "),
               file=sys.stderr)

@@ -30,13 +30,13 @@ def repo_root():
 
 @pytest.fixture(scope="session")
 def tiny_population():
-    """initial_experts/tiny from the default seed: base_model/, experts/<10>/, reward_model/.
+    """The shipped initial_experts/tiny (seed 0): base_model/, experts/<10>/, reward_model/.
 
-    Built by the real CLI when missing or stale (about 3 minutes), otherwise a no-op.
+    Verified by the real CLI against initial_experts/tiny.sha256 (a second); a changed population fails here.
     """
     proc = run_cli(["initial_experts/expert_init.py", "--tiny"])
     if proc.returncode != 0:
-        pytest.fail(f"tiny build failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        pytest.fail(f"tiny population check failed (rc {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return REPO / "initial_experts" / "tiny"
 
 

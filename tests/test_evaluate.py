@@ -227,45 +227,68 @@ def test_multiple_choice_icl_prompt_is_prepended(tiny, data_dir):
     assert 0.0 <= _eval(None, "multiple_choice", "tiny_mc_icl", tiny) <= 1.0
 
 
+# Trains the sanity model in its own process with the tiny build's pinned CPU kernels, so that its bytes, and with
+# them its letter margins, are the same on every x86-64 machine (a LoRA adapter trained for 150 steps on each
+# machine's own kernels had margins of 0.003-0.19 and answered "A" everywhere on one of two machines). All weights
+# are tuned, on a rule the base can pick up (the skill -> letter rule used before, which has to look back to the
+# question, left this population answering "A" everywhere after 300 steps, LoRA or full).
+MC_ADAPTER_TRAINING = r"""
+import json, random, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import evaluate as ev
+from data import tiny_demo
+from transformers import AutoModelForCausalLM, AutoTokenizer
+base, out, steps = sys.argv[2], sys.argv[3], int(sys.argv[4])
+assert torch.backends.cpu.get_cpu_capability() == "DEFAULT"
+torch.set_num_threads(1)
+torch.use_deterministic_algorithms(True)
+torch.manual_seed(0)
+tok = AutoTokenizer.from_pretrained(base)
+rng = random.Random(0)
+
+def item(x):
+    # 2, 3 or 4 options and the gold is the last: its letter sits at a fixed distance before the answer, which a
+    # character-level model trained to copy digits from fixed places learns in a few dozen steps
+    n = rng.choice((2, 3, 4))
+    options = rng.sample([a for a in "0123456789" if a != x["answer"]], n - 1) + [x["answer"]]
+    return {"question": x["question"], "choices": dict(zip("ABCD", options)), "answer": "ABCD"[n - 1]}
+
+train = [item(x) for x in tiny_demo.make_items(200, seed=77)]
+held_out = [item(x) for x in tiny_demo.make_items(12, seed=78)]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+model.train()
+for _ in range(steps):
+    batch = rng.sample(train, 16)
+    rows = [tok(ev.multiple_choice_prompt(b, "tiny_mc") + " " + b["answer"]).input_ids + [tok.eos_token_id]
+            for b in batch]
+    ids, mask = ev._left_pad(rows, tok.pad_token_id, torch.device("cpu"))
+    labels = ids.clone()
+    labels[:, :-3] = -100  # learn " X<eos>" only
+    loss = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                 labels=labels).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+model.save_pretrained(out)
+json.dump(held_out, open(out + "/held_out.json", "w"))
+"""
+MC_ADAPTER_STEPS = 150
+
+
 @pytest.fixture(scope="module")
 def mc_adapter(tiny, tmp_path_factory):
-    """A LoRA adapter briefly trained to answer tiny multiple-choice prompts with " <letter>" and stop. The gold
-    option's position follows the question's skill (max -> A, fst -> B, snd -> C), which 2 layers learn quickly,
-    so predictions vary across items."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-    torch.manual_seed(0)
-    tok = ev.get_host(str(tiny.base), "cpu").tokenizer
-    rng = random.Random(0)
-    position = {"max": 0, "fst": 1, "snd": 2}
-
-    def item(x):
-        others = rng.sample([a for a in "0123456789" if a != x["answer"]], 3)
-        options = others[:position[tiny_demo.skill_of(x["question"])]] + [x["answer"]] + \
-            others[position[tiny_demo.skill_of(x["question"])]:]
-        return {"question": x["question"], "choices": dict(zip("ABCD", options)), "answer": "ABCD"[options.index(
-            x["answer"])]}
-    train = [item(x) for x in tiny_demo.make_items(200, seed=77, skills=tuple(position))]
-    held_out = [item(x) for x in tiny_demo.make_items(12, seed=78, skills=tuple(position))]
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for _ in range(150):
-        batch = rng.sample(train, 16)
-        rows = [tok(ev.multiple_choice_prompt(b, "tiny_mc") + " " + b["answer"]).input_ids + [tok.eos_token_id]
-                for b in batch]
-        ids, mask = ev._left_pad(rows, tok.pad_token_id, torch.device("cpu"))
-        labels = ids.clone()
-        labels[:, :-3] = -100  # learn " X<eos>" only
-        loss = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                     labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    """A full-model candidate (the tiny base, fine-tuned) that answers tiny multiple-choice prompts with " <letter>"
+    and stops. Items have 2-4 options and the gold is the last, so predictions vary across items (B, C, D).
+    Returns (model folder, held-out items)."""
+    sys.path.insert(0, str(REPO / "initial_experts"))
+    from expert_init import PINNED_KERNELS
     out = tmp_path_factory.mktemp("mc_adapter") / "adapter"
-    model.save_pretrained(str(out))
-    return out, held_out
+    env = dict(os.environ, **PINNED_KERNELS)
+    subprocess.run([sys.executable, "-c", MC_ADAPTER_TRAINING, str(REPO), str(tiny.base), str(out),
+                    str(MC_ADAPTER_STEPS)], cwd=REPO, env=env, check=True, timeout=1800)
+    return out, json.loads((out / "held_out.json").read_text())
 
 
 def test_mc_logits_matches_generate_on_sanity_example(tiny, mc_adapter, data_dir):
@@ -278,6 +301,12 @@ def test_mc_logits_matches_generate_on_sanity_example(tiny, mc_adapter, data_dir
     _eval(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)
     assert ev.last_details()["preds"] == generated["preds"]
     assert len(set(generated["preds"])) > 1, "the sanity adapter should not answer one letter everywhere"
+    # No knife edge: every item's chosen letter leads the next one by a clear log-prob margin, far above what
+    # other CPU kernels change (about 1e-6), so generate and logits agree on any machine.
+    host = ev.get_host(str(tiny.base), "cpu")
+    scores = ev.option_logprobs(host.load(str(adapter)), host.tokenizer, held_out, "tiny_mc_sanity")
+    margins = [sorted(s.values())[-1] - sorted(s.values())[-2] for s in scores]
+    assert min(margins) > 0.1, margins
 
 
 def test_parse_choice():
@@ -654,7 +683,9 @@ def test_details_files_and_data_cache(tiny, experts, tmp_path):
     assert d["forward_seconds"] > 0 and d["total_seconds"] >= d["forward_seconds"]
 
 
-def test_every_objective_on_test_split(tiny, experts, monkeypatch):
+def test_every_objective_on_test_split(tiny, experts, monkeypatch, tmp_path):
+    # a copy: evaluate_test writes golds_preds_test.json into the candidate folder, not into the shipped population
+    candidate = shutil.copytree(experts[0], tmp_path / experts[0].name)
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "p")
     ev.PERSPECTIVE_HTTP = FakePerspectiveHttp()
@@ -664,7 +695,7 @@ def test_every_objective_on_test_split(tiny, experts, monkeypatch):
                                ("multitask", "tiny_domain"), ("AbstainQA", "tiny_mc"),
                                ("external_api", "tiny_rm"), ("rm_default", "tiny_rm"), ("rm_verbose", "tiny_rm"),
                                ("rm_concise", "tiny_rm"), ("human", "tiny_human")]:
-        u = ev.evaluate_test(str(experts[0]), eval_type, dataset, "cpu", str(tiny.base))
+        u = ev.evaluate_test(str(candidate), eval_type, dataset, "cpu", str(tiny.base))
         assert isinstance(u, float) and ev.last_details()["split"] == "test", eval_type
 
 
