@@ -219,12 +219,18 @@ def atomic_write_text(path, text, durable=True):
     still leaves old or new content; a power cut may leave the old one."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        # a full disk (or a file size limit): no temporary file left behind, and the error names the file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     if durable:
         fsync_path(directory)  # make the rename itself durable
 
