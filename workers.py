@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+import warnings
 
 
 class WorkerError(RuntimeError):
@@ -277,6 +278,11 @@ def _worker_main(device, config, conn):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C reaches the whole process group; the driver decides when workers stop (it closes their pipe)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # workers write nothing to the terminal: library warnings and loading progress bars say nothing a user of the
+    # search can act on (the driver checked the inputs up front), and a failed search says why in one line on stderr
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         runner = TaskRunner(device, config)
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which stops the search with it
