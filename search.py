@@ -382,10 +382,10 @@ def check_experts(experts, base_model, fast_merge, trust_remote_code):
                     raise UsageError(f"expert {path} differs in {field}: {value!r}, {first_fields[field]!r} in "
                                      f"{experts[0]}; experts must agree on every setting that changes what an "
                                      f"adapter computes")
-    check_base_model(base_model, trust_remote_code)
-    if fast_merge:
+    if fast_merge:  # reads the base model's config first: a base model that is not there is named as such
         _check_base_model_fits(experts[0], {k: shape for k, (shape, _) in first.items()}, base_model,
                                trust_remote_code)
+    check_base_model(base_model, trust_remote_code)
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
@@ -417,9 +417,14 @@ def check_base_model(base_model, trust_remote_code):
                              f"...): save the tokenizer with the model (tokenizer.save_pretrained)")
     elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         from huggingface_hub import try_to_load_from_cache
-        if not any(isinstance(try_to_load_from_cache(base_model, name), str)
-                   for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                                "pytorch_model.bin.index.json")):
+
+        def cached(name):
+            try:
+                return isinstance(try_to_load_from_cache(base_model, name), str)
+            except Exception:  # noqa: BLE001 - not a valid hub id: the tokenizer check below names the problem
+                return True
+        if not any(cached(name) for name in ("model.safetensors", "model.safetensors.index.json",
+                                             "pytorch_model.bin", "pytorch_model.bin.index.json")):
             raise UsageError(f"base model {base_model!r} has no weights in the local cache and HF_HUB_OFFLINE is "
                              f"set: download it once with network, or give -b a local folder")
     from transformers import AutoTokenizer
