@@ -1324,10 +1324,8 @@ def read_resume_file(directory, name):
     return value
 
 
-# what resume reads from state.json: key -> accepted types
-STATE_FIELDS = {"state_version": int, "stage": str, "iteration": int, "step_length": (int, float),
-                "candidates": list, "no_improvement": int, "starting_best": dict, "history": dict, "best": dict,
-                "worst": dict, "rng": dict, "profile": list, "emergence": dict}
+# what resume needs before anything else in state.json can be read: key -> accepted types
+STATE_FIELDS = {"state_version": int, "stage": str, "iteration": int, "candidates": list}
 
 
 def check_state(directory, state, recorded):
