@@ -80,6 +80,8 @@ _DEFAULT_OPTIONS = {
     "judge_qps": 2.0,
     "api_retries": 6,              # attempts after the first on HTTP 429/5xx and connection errors
     "api_backoff_s": 1.0,          # first retry delay; doubles each time (with jitter)
+    "api_timeout_s": 30.0,         # one request to Perspective or Vertex AI; with the retries, a dead network ends
+                                   # the search with one line after (api_retries + 1) * api_timeout_s + backoff
 }
 OPTIONS = dict(_DEFAULT_OPTIONS)
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -98,7 +100,7 @@ JUDGE_MODEL_FACTORY = None
 def configure(**options):
     """Set per-process options; options not passed keep their current value. `configure(reset=True)` restores
     every default first. Options: batch_size, mc_scoring, scoring, reward_model, trust_remote_code, judge_model, dtype,
-    data_dir, max_new_tokens, perspective_qps, judge_qps, api_retries, api_backoff_s."""
+    data_dir, max_new_tokens, perspective_qps, judge_qps, api_retries, api_backoff_s, api_timeout_s."""
     if options.pop("reset", False):
         OPTIONS.clear()
         OPTIONS.update(_DEFAULT_OPTIONS)
@@ -119,6 +121,7 @@ def configure(**options):
         "judge_qps": (lambda v: _is_number(v) and v > 0, "a number > 0"),
         "api_retries": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "api_backoff_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+        "api_timeout_s": (lambda v: _is_number(v) and v > 0, "a number > 0"),
     }
     for name, value in options.items():
         ok, expect = checks[name]
@@ -939,6 +942,25 @@ def with_retries(call, status_of, what):
         time.sleep(pause)
 
 
+def call_with_timeout(fn, seconds):
+    """fn() or TimeoutError after `seconds` (the call is left to finish in a daemon thread that nothing waits for)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = e
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 _PERSPECTIVE_CLIENT = {}
 
 
@@ -950,10 +972,16 @@ def perspective_client():
         _PERSPECTIVE_CLIENT.clear()
 
         def build():
+            import httplib2
+            # an explicit socket timeout: without one a request into a network that drops packets waits forever
+            http = PERSPECTIVE_HTTP or httplib2.Http(timeout=OPTIONS["api_timeout_s"])
             return discovery.build("commentanalyzer", "v1alpha1", developerKey=key,
                                    discoveryServiceUrl=PERSPECTIVE_DISCOVERY_URL, static_discovery=False,
-                                   http=PERSPECTIVE_HTTP, cache_discovery=False)
-        _PERSPECTIVE_CLIENT[cache_key] = with_retries(build, _http_status, "Perspective API discovery")
+                                   http=http, cache_discovery=False)
+        try:
+            _PERSPECTIVE_CLIENT[cache_key] = with_retries(build, _http_status, "Perspective API discovery")
+        except Exception as e:  # noqa: BLE001 - after the retries: one line for the user
+            raise EvalError(f"Perspective API unreachable: {type(e).__name__}: {_first_line(e)}") from None
     return _PERSPECTIVE_CLIENT[cache_key]
 
 
@@ -1148,7 +1176,9 @@ def judge(prompt, response):
 
     def call():
         _JUDGE_LIMIT.wait(OPTIONS["judge_qps"])
-        return client.generate_content(text, generation_config={"temperature": 0.0, "max_output_tokens": 256})
+        # the Vertex AI SDK takes no timeout: the call runs in a thread that is given up on after api_timeout_s
+        return call_with_timeout(lambda: client.generate_content(
+            text, generation_config={"temperature": 0.0, "max_output_tokens": 256}), OPTIONS["api_timeout_s"])
     try:
         reply = with_retries(call, lambda e: int(getattr(e, "code", 0) or 0), "Vertex AI Gemini judge")
     except Exception as e:  # noqa: BLE001 - after retries, any service error is one line for the user

@@ -45,7 +45,7 @@ MODEL_INDEX = "model.safetensors.index.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 # adapter_config.json fields that change how the factors are scaled into the model: merging
 # factors trained under different values would silently mean something else.
-_CONFIG_MUST_MATCH = ("peft_type", "r", "lora_alpha", "use_rslora")
+_CONFIG_MUST_MATCH = ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora")
 
 
 class MergeError(ValueError):
@@ -518,7 +518,7 @@ def _dare(tensors, weights, params, key, seed):
     return acc
 
 
-def _all_finite(t):
+def all_finite(t):
     # A single reduction instead of torch.isfinite (several times slower on bf16): any NaN/inf
     # entry makes the sum non-finite; a non-finite sum of finite entries (overflow) falls back
     # to the exact test. float16 sums are taken in float32 so they do not overflow at 65504.
@@ -563,7 +563,7 @@ def merge_state_dicts(states, weights, method="weighted_average", params=None, n
             out[key] = t0.clone()
             continue
         res = fn(tensors, weights, params, key, seed).to(t0.dtype)
-        if not _all_finite(res):
+        if not all_finite(res):
             raise _nonfinite_error(key, tensors, labels, t0.dtype)
         out[key] = res
     return out
@@ -669,7 +669,14 @@ def save_adapter(path, state, config, durable=True):
         raise MergeError(f"adapter config for {os.fspath(path)!r} must be a dict, got {type(config).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     with _atomic_dir(path, durable) as tmp:
-        save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        try:
+            save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            code = re.search(r"os error (\d+)", str(e))
+            if isinstance(e, OSError) or not code:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))),
+                          os.path.join(os.fspath(path), ADAPTER_WEIGHTS)) from None
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")

@@ -20,9 +20,11 @@ Search directory layout (search/<name>_<hostname>[_<time>]/):
 """
 
 import argparse
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -125,6 +127,11 @@ def build_parser():
     return p
 
 
+# search names become folder names (with _<hostname>_<time> appended, 255 bytes at most) and appear in shell
+# commands: plain characters only
+MAX_NAME_LENGTH = 100
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,%d}" % (MAX_NAME_LENGTH - 1))
+
 NUMERIC_RULES = [  # (flag, test, what is valid)
     ("patience", lambda v: v >= 1, "an integer >= 1"),
     ("max_iteration", lambda v: v >= 0, "an integer >= 0"),
@@ -190,6 +197,10 @@ def validate_args(args):
             raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
     if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
         raise UsageError(f"--name {args.name!r} must be a plain name without path separators")
+    if not NAME_PATTERN.fullmatch(args.name):
+        shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
+        raise UsageError(f"--name {shown} is not a usable folder name: use at most "
+                         f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
     from data.schema import DataError, EVAL_TYPES, load_eval_data
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
@@ -209,6 +220,10 @@ def validate_args(args):
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
     args.experts, args.ignored = find_experts(args.initial_expert_directory, args.fast_merge)
+    base_index = args.merge_params_dict.get("base_model_idx")
+    if base_index is not None and base_index >= len(args.experts):
+        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
+                         f"{len(args.experts)} experts (valid: 0..{len(args.experts) - 1})")
     check_experts(args.experts, args.base_model, args.fast_merge, args.trust_remote_code)
     # a prompt longer than the base model's context is no error to the model: it would generate past its trained
     # positions, for minutes and to no use, so it is found here, before any directory or worker exists
@@ -218,6 +233,7 @@ def validate_args(args):
                                       bool(args.trust_remote_code))
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
+    args.wandb_resolved_mode, args.wandb_note = resolve_wandb_mode(args.wandb_mode)
 
 
 def find_experts(directory, fast_merge):
@@ -225,75 +241,206 @@ def find_experts(directory, fast_merge):
     if not os.path.isdir(directory):
         raise UsageError(f"expert folder {directory!r} does not exist; set -i to a folder of LoRA experts "
                          f"(python initial_experts/expert_init.py --tiny builds a tiny one)")
-    experts, ignored = [], []
+    experts, ignored, adapters, models = [], [], [], []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if not os.path.isdir(path):
+        if not os.path.isdir(path) or name.startswith("."):
             continue
         files = set(os.listdir(path))
         is_adapter = "adapter_config.json" in files
         is_model = "config.json" in files and any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
                                                   for f in files)
+        has_weights = any(f.endswith(WEIGHT_SUFFIXES) for f in files)
         if is_adapter and "adapter_model.safetensors" not in files:
             raise UsageError(f"expert {path} has no adapter_model.safetensors (pickle .bin adapters are refused): "
                              f"load it with peft and save_pretrained(path, safe_serialization=True)")
-        if is_adapter and fast_merge:
-            experts.append(path)
-        elif is_model and not is_adapter:
+        if not is_adapter and "config.json" not in files and has_weights:
+            # weights without a config cannot be an expert: dropping them would change the population unseen
+            raise UsageError(f"expert {path} has weights but no adapter_config.json (LoRA adapter) or config.json "
+                             f"(full model): restore the config or move the folder out of {directory}")
+        if is_adapter:
+            adapters.append(path)
+            if fast_merge:
+                experts.append(path)
+        elif is_model:
+            models.append(path)
             if fast_merge:
                 raise UsageError(f"expert {path} is a full model: use --fast_merge 0 for full or multi-shard models")
             experts.append(path)
-        elif "config.json" in files and any(f.endswith(".bin") for f in files) and not is_adapter:
+        elif "config.json" in files and any(f.endswith(".bin") for f in files):
             raise UsageError(f"expert {path} has only pickle .bin weights: re-save it with safe_serialization=True")
         else:
             ignored.append(name)
+    if not experts and adapters and not fast_merge:
+        raise UsageError(f"--fast_merge 0 expects full models (config.json + *.safetensors) but {directory!r} holds "
+                         f"{len(adapters)} LoRA adapter(s) (adapter_config.json + adapter_model.safetensors): "
+                         f"use --fast_merge 1 for adapters")
     if not experts:
-        raise UsageError(f"no experts found in {directory!r}: expected sub-folders with adapter_config.json + "
-                         f"adapter_model.safetensors" + (" (or full models with --fast_merge 0)" if fast_merge else ""))
+        expected = ("sub-folders with adapter_config.json + adapter_model.safetensors (or full models with "
+                    "--fast_merge 0)") if fast_merge else "sub-folders holding full models (config.json + *.safetensors)"
+        found = f"; it has {len(ignored)} other sub-folder(s): {', '.join(ignored[:5])}" if ignored else ""
+        raise UsageError(f"no experts found in {directory!r}: expected {expected}{found}")
     if len(experts) < 3:
         raise UsageError(f"found {len(experts)} expert(s) in {directory!r}; BWR needs at least 3 "
                          f"(a best, a worst and another)")
     return experts, ignored
 
 
-def check_experts(experts, base_model, fast_merge, trust_remote_code):
-    """Experts must share keys, shapes, rank and base model, and fit the base model (-b). Reads headers only."""
+# what the weights of a model or adapter folder can be stored in (a folder with one of these is meant as an expert)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+# adapter_config.json fields that change the function an adapter computes, with peft's defaults for a missing
+# field: merging factors trained under different values would silently compute something else
+ADAPTER_FIELDS = {"peft_type": "LORA", "r": 8, "lora_alpha": 8, "use_rslora": False, "use_dora": False,
+                  "target_modules": None, "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": False,
+                  "bias": "none", "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+                  "lora_bias": False, "layer_replication": None, "exclude_modules": None, "target_parameters": None,
+                  "trainable_token_indices": None, "base_model_name_or_path": None}
+
+
+def adapter_fields(config):
+    """The ADAPTER_FIELDS of one adapter config, normalised so that equal meaning compares equal."""
+    out = {}
+    for field, default in ADAPTER_FIELDS.items():
+        value = config.get(field)
+        if value is None:
+            value = default
+        if field in ("target_modules", "modules_to_save", "layers_to_transform") and isinstance(value, list):
+            value = sorted(value, key=str)
+        if field == "base_model_name_or_path" and value is not None:
+            value = os.path.basename(str(value).rstrip("/"))  # the same model, saved from another folder
+        out[field] = value
+    return out
+
+
+def read_expert(path, fast_merge):
+    """{tensor: (shape, dtype)} and the adapter config (None for full models) of one expert, every tensor checked to
+    be finite. Any file that cannot be read is a UsageError naming the expert and the file."""
     from safetensors import safe_open
-    shapes_of = []
-    for path in experts:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-        shapes = {}
-        for f in files:
-            with safe_open(os.path.join(path, f), "pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = tuple(handle.get_slice(key).get_shape())
-        shapes_of.append(shapes)
-    first = shapes_of[0]
-    configs = []
+    config = None
     if fast_merge:
-        for path in experts:
-            with open(os.path.join(path, "adapter_config.json")) as f:
-                configs.append(json.load(f))
-    for path, shapes, index in zip(experts[1:], shapes_of[1:], range(1, len(experts))):
-        if set(shapes) != set(first):
-            extra = sorted(set(shapes) ^ set(first))[0]
+        config_path = os.path.join(path, "adapter_config.json")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except (ValueError, OSError) as e:
+            raise UsageError(f"expert {path}: adapter_config.json is not valid JSON ({first_line(e)}); restore it "
+                             f"from the adapter's source") from None
+        if not isinstance(config, dict):
+            raise UsageError(f"expert {path}: adapter_config.json must hold a JSON object, got "
+                             f"{type(config).__name__}")
+        if config.get("peft_type", "LORA") != "LORA":
+            raise UsageError(f"expert {path}: only LoRA adapters can be merged, its peft_type is "
+                             f"{config.get('peft_type')!r}")
+        files = ["adapter_model.safetensors"]
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    tensors = {}
+    for name in files:
+        file_path = os.path.join(path, name)
+        try:
+            with safe_open(file_path, "pt") as handle:
+                for key in handle.keys():
+                    # one tensor at a time (memory-mapped): a full model need never be in memory at once
+                    tensor = handle.get_tensor(key)
+                    if tensor.is_floating_point() and not merge.all_finite(tensor):
+                        raise UsageError(f"expert {path} has non-finite weights (NaN or inf) in tensor {key}: "
+                                         f"a search cannot score or merge it; remove or repair this expert")
+                    tensors[key] = (tuple(tensor.shape), str(tensor.dtype).replace("torch.", ""))
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for every kind of damage
+            raise UsageError(f"expert {path}: {name} is not a readable safetensors file ({first_line(e)}); "
+                             f"re-save it with save_pretrained(..., safe_serialization=True)") from None
+    if not tensors:
+        raise UsageError(f"expert {path}: {', '.join(files)} holds no tensors")
+    return tensors, config
+
+
+def check_experts(experts, base_model, fast_merge, trust_remote_code):
+    """Experts must be readable and finite, share tensors, shapes, dtypes and every adapter setting that changes
+    what they compute, and fit the base model (-b)."""
+    read = [read_expert(path, fast_merge) for path in experts]
+    first, first_config = read[0]
+    first_fields = adapter_fields(first_config) if fast_merge else None
+    for path, (tensors, config) in zip(experts[1:], read[1:]):
+        if set(tensors) != set(first):
+            extra = sorted(set(tensors) ^ set(first))[0]
             raise UsageError(f"experts {experts[0]} and {path} have different tensors (e.g. {extra}): "
                              f"all experts must be adapters of the same base model and target modules")
-        for key, shape in shapes.items():
-            if shape != first[key]:
-                raise UsageError(f"experts {experts[0]} and {path} differ in tensor {key}: {first[key]} vs {shape} "
-                                 f"(different ranks or base models)")
-        if configs:
-            for field in ("r", "target_modules", "base_model_name_or_path"):
-                a, b = configs[0].get(field), configs[index].get(field)
-                if field == "target_modules":
-                    a, b = sorted(a or []), sorted(b or [])
-                if field == "base_model_name_or_path":
-                    a, b = os.path.basename(str(a).rstrip("/")), os.path.basename(str(b).rstrip("/"))
-                if a != b:
-                    raise UsageError(f"experts {experts[0]} and {path} differ in {field}: {a} vs {b}")
-    if fast_merge:
-        _check_base_model_fits(experts[0], first, base_model, trust_remote_code)
+        for key, (shape, dtype) in tensors.items():
+            if shape != first[key][0]:
+                raise UsageError(f"experts {experts[0]} and {path} differ in tensor {key}: {first[key][0]} vs "
+                                 f"{shape} (different ranks or base models)")
+            if dtype != first[key][1]:
+                raise UsageError(f"expert {path} differs in dtype: tensor {key} is {dtype}, {first[key][1]} in "
+                                 f"{experts[0]}; save all experts in one dtype")
+        if fast_merge:
+            fields = adapter_fields(config)
+            for field, value in fields.items():
+                if value != first_fields[field]:
+                    raise UsageError(f"expert {path} differs in {field}: {value!r}, {first_fields[field]!r} in "
+                                     f"{experts[0]}; experts must agree on every setting that changes what an "
+                                     f"adapter computes")
+    if fast_merge:  # reads the base model's config first: a base model that is not there is named as such
+        _check_base_model_fits(experts[0], {k: shape for k, (shape, _) in first.items()}, base_model,
+                               trust_remote_code)
+    check_base_model(base_model, trust_remote_code)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "sentencepiece.bpe.model", "tokenizer_config.json")
+
+
+def check_base_model(base_model, trust_remote_code):
+    """A base model the workers can load: weights and tokenizer present, and a tokenizer that tells texts apart."""
+    if os.path.isdir(base_model):
+        files = set(os.listdir(base_model))
+        if "config.json" not in files:
+            raise UsageError(f"base model {base_model} has no config.json: give -b a model folder saved with "
+                             f"save_pretrained or a hub id")
+        index = [f for f in files if f.endswith(".index.json")]
+        if not any(f.endswith((".safetensors", ".bin")) for f in files):
+            raise UsageError(f"base model {base_model} has no weights (model.safetensors or shards): copy the "
+                             f"whole model folder")
+        for name in index:
+            try:
+                with open(os.path.join(base_model, name)) as f:
+                    shards = set(json.load(f)["weight_map"].values())
+            except (ValueError, OSError, KeyError, TypeError, AttributeError) as e:
+                raise UsageError(f"base model {base_model}: {name} is damaged ({first_line(e)})") from None
+            missing = sorted(s for s in shards if s not in files)
+            if missing:
+                raise UsageError(f"base model {base_model} lacks weight shard {missing[0]} listed in {name}")
+        if not files & set(TOKENIZER_FILES):
+            raise UsageError(f"base model {base_model} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, "
+                             f"...): save the tokenizer with the model (tokenizer.save_pretrained)")
+    elif os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        def cached(name):
+            try:
+                return isinstance(try_to_load_from_cache(base_model, name), str)
+            except Exception:  # noqa: BLE001 - not a valid hub id: the tokenizer check below names the problem
+                return True
+        if not any(cached(name) for name in ("model.safetensors", "model.safetensors.index.json",
+                                             "pytorch_model.bin", "pytorch_model.bin.index.json")):
+            raise UsageError(f"base model {base_model!r} has no weights in the local cache and HF_HUB_OFFLINE is "
+                             f"set: download it once with network, or give -b a local folder")
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=bool(trust_remote_code))
+        ids = tokenizer("Question: what is 12 + 30?\nAnswer: 42")["input_ids"]
+    except Exception as e:  # noqa: BLE001 - any failure here means the workers could not load it either
+        raise UsageError(f"cannot load the tokenizer of base model {base_model!r} ({first_line(e)})") from None
+    if len(set(ids)) < 3:
+        raise UsageError(f"the tokenizer of base model {base_model!r} maps a test sentence to {len(set(ids))} "
+                         f"distinct token id(s): its tokenizer files are missing or broken")
+
+
+def first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _check_base_model_fits(expert, shapes, base_model, trust_remote_code):
@@ -527,24 +674,27 @@ class Search:
         state.json is written (and fsynced) once per commit. It keeps listing the moves after they are done: resume
         re-applies them (apply_moves is idempotent, and their sources are this iteration's own staging folder,
         which no later iteration writes into), so a second write just to clear the list would buy nothing."""
-        self.state["pending_moves"] = moves
-        crash_point("before_commit")
-        # what state.json is about to name must be on disk first: the workers staged it without fsync
-        sync_filesystem(self.staging_root)
-        write_state(self.dir, self.state)
-        for move in moves:
-            crash_point("move")
-            apply_moves([move], discard=self.trash.put)
-        self.state["pending_moves"] = []
-        crash_point("scratchpad")
-        # derived from the state and rewritten by every commit and by finish(): written atomically but not fsynced,
-        # a power cut can leave it one iteration behind until the next commit, never torn
-        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state), durable=False)
-        if self.args.correctness_emergence:
-            # one line, like state.json: it holds candidates x iterations x items numbers
-            atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"),
-                              json.dumps(correctness_emergence(self.state)), durable=False)
-        self.trash.put(self.staging_root)
+        with INTERRUPTS:  # a signal waits for the commit to complete
+            self.state["pending_moves"] = moves
+            # the arguments this state belongs to: resume refuses an args.json that is not the one it started with
+            self.state["args_sha256"] = self.args.args_sha256
+            crash_point("before_commit")
+            # what state.json is about to name must be on disk first: the workers staged it without fsync
+            sync_filesystem(self.staging_root)
+            write_state(self.dir, self.state)
+            for move in moves:
+                crash_point("move")
+                apply_moves([move], discard=self.trash.put)
+            self.state["pending_moves"] = []
+            crash_point("scratchpad")
+            # derived from the state and rewritten by every commit and by finish(): written atomically but not
+            # fsynced, a power cut can leave it one iteration behind until the next commit, never torn
+            write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state), durable=False)
+            if self.args.correctness_emergence:
+                # one line, like state.json: it holds candidates x iterations x items numbers
+                atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"),
+                                  json.dumps(correctness_emergence(self.state)), durable=False)
+            self.trash.put(self.staging_root)
 
     def utilities(self):
         return [c["utility"] for c in self.state["candidates"]]
@@ -819,14 +969,12 @@ class Search:
                                                       [r.get("details") for r in dev], best_dev, best_test)
         metrics.update(published)
         metrics.update(published_dev)
-        write_json(os.path.join(self.dir, "final_metrics.json"), metrics)
-        s["stage"] = "done"
-        s["final_metrics"] = metrics
-        write_state(self.dir, s)
-        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
-        if a.correctness_emergence:
-            atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"), json.dumps(correctness_emergence(s)))
-        plot(s, self.dir, a.to_visualize)
+        with INTERRUPTS:
+            write_json(os.path.join(self.dir, "final_metrics.json"), metrics)
+            s["stage"] = "done"
+            s["final_metrics"] = metrics
+            write_state(self.dir, s)
+        self.write_records()
         for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
                     "ending_best_validation_utility", "ending_best_single_test_accuracy"):
             self.log(f"{key}: {metrics[key]:.4f}")
@@ -843,8 +991,22 @@ class Search:
             self.wandb.summary.update(metrics)
         return metrics
 
+    def write_records(self):
+        """The files derived from a finished search's state: rewritten by a resume of a finished search, so a fault
+        while they were written (a full disk) is repaired by --resume."""
+        s = self.state
+        write_json(os.path.join(self.dir, "final_metrics.json"), s["final_metrics"])
+        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
+        if self.args.correctness_emergence:
+            atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"), json.dumps(correctness_emergence(s)))
+        plot(s, self.dir, self.args.to_visualize)
+
     def run(self):
         a = self.args
+        if self.state is not None and self.state["stage"] == "done":
+            self.write_records()
+            self.log(f"done: best model in {os.path.join(self.dir, 'global_best')}")
+            return self.state["final_metrics"]
         self.start_pool()
         self.start_wandb()
         if self.state is None:
@@ -860,23 +1022,33 @@ class Search:
             else:
                 self.iterate()
                 continue
-            write_state(self.dir, s)
+            with INTERRUPTS:
+                write_state(self.dir, s)
         metrics = self.state.get("final_metrics") if self.state["stage"] == "done" else self.finish()
         self.log(f"done: best model in {os.path.join(self.dir, 'global_best')}")
         return metrics
 
     def start_wandb(self):
         a = self.args
-        mode = a.wandb_mode or os.environ.get("WANDB_MODE")
-        if mode is None:
-            mode = "online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline"
+        mode = a.wandb_resolved_mode
+        if a.wandb_note:
+            self.log(a.wandb_note)
         if mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
         import wandb
-        self.wandb = wandb.init(project=a.project_name_wb, name=os.path.basename(self.dir), dir=self.dir,
-                                mode=mode, config=public_args(a), resume="allow",
-                                id=os.path.basename(self.dir).replace(".", "-")[:128])
+        options = dict(project=a.project_name_wb, name=os.path.basename(self.dir), dir=self.dir, config=public_args(a),
+                       resume="allow", id=os.path.basename(self.dir).replace(".", "-")[:128],
+                       settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
+        try:
+            self.wandb = wandb.init(mode=mode, **options)
+        except Exception as e:  # noqa: BLE001 - W&B is a record of the search, never a reason to stop it
+            if mode != "online":
+                raise
+            self.log(f"W&B online start failed ({first_line(e)}); logging offline instead "
+                     f"(wandb sync {os.path.join(self.dir, 'wandb')} later)")
+            mode = "offline"
+            self.wandb = wandb.init(mode=mode, **options)
         self.log(f"W&B logging in {mode} mode (project {a.project_name_wb})")
 
     def close(self):
@@ -887,6 +1059,52 @@ class Search:
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+WANDB_PROBE_TIMEOUT = 5.0   # seconds for the W&B server to answer one HTTP request before the search goes offline
+WANDB_INIT_TIMEOUT = 60.0   # seconds wandb.init may take in online mode before the search goes offline
+
+
+def resolve_wandb_mode(requested):
+    """(mode, note): the W&B mode the search will use, decided before any directory exists. Default: WANDB_MODE if
+    set, else online when logged in and the server answers, else offline. An explicitly requested online mode with
+    an unreachable server is refused; an online default falls back to offline (note says so)."""
+    explicit = requested or os.environ.get("WANDB_MODE")
+    mode = explicit or ("online" if os.environ.get("WANDB_API_KEY") or _wandb_logged_in() else "offline")
+    if mode != "online":
+        return mode, None
+    url = os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+    problem = _unreachable(url, WANDB_PROBE_TIMEOUT)
+    if problem is None:
+        return mode, None
+    if explicit:
+        raise UsageError(f"W&B online mode was requested but {url} does not answer ({problem}): use --wandb_mode "
+                         f"offline (wandb sync later) or disabled")
+    return "offline", f"W&B server {url} does not answer ({problem}); logging offline (wandb sync later)"
+
+
+def _unreachable(url, timeout):
+    """None when url answers an HTTP request within timeout seconds (any status), else why not. Name resolution
+    has no timeout of its own, so the request runs in a thread that is given up on."""
+    import http.client
+    import urllib.parse
+    parts = urllib.parse.urlsplit(url)
+    outcome = ["no answer within %.0f s" % timeout]
+
+    def probe():
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        try:
+            connection = kind(parts.hostname or "", parts.port, timeout=timeout)
+            connection.request("HEAD", "/")
+            connection.getresponse()
+            connection.close()
+            outcome[0] = None
+        except Exception as e:  # noqa: BLE001 - any failure means the server cannot be used
+            outcome[0] = first_line(e)
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return outcome[0]
 
 
 def _wandb_logged_in():
@@ -1030,8 +1248,7 @@ def plot(state, directory, to_visualize):
     ax.set_ylabel("dev utility")
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(os.path.join(directory, "utility_curve.png"), dpi=120)
-    plt.close(fig)
+    save_figure(fig, os.path.join(directory, "utility_curve.png"))
     if to_visualize:
         fig, ax = plt.subplots(figsize=(5, 5))
         for i, c in enumerate(state["candidates"]):
@@ -1040,7 +1257,21 @@ def plot(state, directory, to_visualize):
                 ax.plot(xs, ys, marker=".", linewidth=0.8, label=f"candidate_{i}")
         ax.set_title("candidate trajectories (random 2-D projection of the weights)")
         fig.tight_layout()
-        fig.savefig(os.path.join(directory, "trajectory.png"), dpi=120)
+        save_figure(fig, os.path.join(directory, "trajectory.png"))
+
+
+def save_figure(fig, path):
+    """Like the atomic text writes: a temporary file renamed into place, removed when the write fails."""
+    import matplotlib.pyplot as plt
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from None
+    finally:
         plt.close(fig)
 
 
@@ -1051,7 +1282,8 @@ def public_args(args):
     """Arguments as recorded in args.json and W&B: no derived objects and nothing that looks like a secret."""
     out = {}
     for key, value in vars(args).items():
-        if key in ("experts", "ignored", "devices", "merge_params_dict", "resume"):
+        if key in ("experts", "ignored", "devices", "merge_params_dict", "resume", "wandb_resolved_mode",
+                   "wandb_note", "args_sha256"):
             continue
         if any(marker in key.lower() for marker in SECRET_MARKERS):
             continue
@@ -1070,6 +1302,54 @@ def explicit_flags(argv):
     return set(vars(shadow.parse_args(argv)).keys())
 
 
+def args_checksum(recorded):
+    """sha256 of the recorded arguments (without the checksum itself): written into args.json at the start, so a
+    resume can tell the arguments it started with from damaged or edited ones."""
+    body = {key: value for key, value in recorded.items() if key != "args_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def read_resume_file(directory, name):
+    """A JSON object from the search directory, or a UsageError saying why it cannot be trusted."""
+    path = os.path.join(directory, name)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--resume {directory}: {name} is damaged ({first_line(e)}); it cannot be resumed, "
+                         f"start a new search") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"--resume {directory}: {name} is damaged (a JSON object expected, found "
+                         f"{type(value).__name__}); it cannot be resumed, start a new search")
+    return value
+
+
+# what resume needs before anything else in state.json can be read: key -> accepted types
+STATE_FIELDS = {"state_version": int, "stage": str, "iteration": int, "candidates": list}
+
+
+def check_state(directory, state, recorded):
+    """Refuse (one line) a state.json that is not this search's, or not a state this version can continue."""
+    def damaged(what):
+        return UsageError(f"--resume {directory}: state.json is damaged ({what}); it cannot be resumed, start a new "
+                          f"search")
+    if state.get("state_version") != STATE_VERSION:
+        raise damaged(f"state_version {state.get('state_version')!r}, this version resumes {STATE_VERSION}")
+    for key, kind in STATE_FIELDS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise damaged(f"{key!r} missing or not {getattr(kind, '__name__', 'a number')}")
+    if state["stage"] not in ("search", "final", "done"):
+        raise damaged(f"unknown stage {state['stage']!r}")
+    if state.get("args_sha256") != recorded["args_sha256"]:
+        raise damaged("it belongs to other arguments than args.json")
+    for i, candidate in enumerate(state["candidates"]):
+        if not isinstance(candidate, dict) or not isinstance(candidate.get("utility"), (int, float)) \
+                or not isinstance(candidate.get("history"), list):
+            raise damaged(f"candidate {i} has no utility or history")
+    if not isinstance(state.get("pending_moves", []), list):
+        raise damaged("'pending_moves' is not a list")
+
+
 def prepare(argv):
     """Parse and validate; returns (args, directory, state or None). Creates nothing before validation passed."""
     parser = build_parser()
@@ -1078,8 +1358,12 @@ def prepare(argv):
         directory = args.resume.rstrip("/")
         if not os.path.isfile(os.path.join(directory, "args.json")):
             raise UsageError(f"--resume {args.resume}: not a search directory (no args.json)")
+        recorded = read_resume_file(directory, "args.json")
+        if recorded.get("args_sha256") != args_checksum(recorded):
+            raise UsageError(f"--resume {directory}: args.json was edited or damaged (its checksum does not match "
+                             f"its arguments); a search resumes only with the arguments it started with: start a new "
+                             f"search for other ones")
         given = explicit_flags(argv) - {"resume"}
-        recorded = read_json(os.path.join(directory, "args.json"))
         recorded.setdefault("scoring", "strict")  # searches recorded before --scoring existed used the strict rules
         refused = sorted(f for f in given if f not in RESUMABLE_OVERRIDES and getattr(args, f) != recorded.get(f))
         if refused:
@@ -1089,12 +1373,19 @@ def prepare(argv):
             if key not in given and hasattr(args, key):
                 setattr(args, key, value)
         args.resume = directory
+        state = None
+        if os.path.exists(os.path.join(directory, "state.json")):
+            state = read_resume_file(directory, "state.json")
+            check_state(directory, state, recorded)
         validate_args(args)
-        state_path = os.path.join(directory, "state.json")
-        state = read_json(state_path) if os.path.exists(state_path) else None
         if state is not None:
             apply_moves(state.get("pending_moves", []))
             state["pending_moves"] = []
+            missing = [name for name in [f"candidate_{i}" for i in range(len(state["candidates"]))] + ["global_best"]
+                       if not os.path.isdir(os.path.join(directory, name))]
+            if missing and state["stage"] != "done":
+                raise UsageError(f"--resume {directory}: {missing[0]}/ is missing; the search cannot continue "
+                                 f"without its population")
         return args, directory, state
     validate_args(args)
     root = args.output_root
@@ -1109,49 +1400,123 @@ def prepare(argv):
     return args, directory, None
 
 
+class Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM end the search with KeyboardInterrupt, but never inside a commit: a signal that
+    arrives while the state and its folders are written is held until the commit is complete. Both handlers are
+    installed explicitly, so an ignored SIGINT inherited from a parent (nohup, some job runners) is not kept."""
+
+    def __init__(self):
+        self.shielded = 0
+        self.held = None
+        self.received = None
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    def handle(self, signum, frame):
+        self.received = signum
+        if self.shielded:
+            self.held = signum
+            return
+        raise KeyboardInterrupt
+
+    def __enter__(self):
+        self.shielded += 1
+
+    def __exit__(self, kind, value, traceback):
+        self.shielded -= 1
+        if not self.shielded and self.held is not None and kind is None:
+            self.held = None
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = Interrupts()
+
+
+def describe_fault(error):
+    """One line for an error that stopped a running search."""
+    if isinstance(error, OSError) and not isinstance(error, (WorkerError,)):
+        where = f"cannot write {error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or first_line(error)}"
+    return first_line(error)
+
+
+def tidy(directory):
+    """After a fault or a signal: finish a commit that state.json records as begun (its moves are idempotent), then
+    remove what only a running search uses (.staging/, .trash/, temporary files). The state on disk is then the
+    last committed iteration, and --resume continues from it."""
+    try:
+        with open(os.path.join(directory, "state.json")) as f:
+            apply_moves(json.load(f).get("pending_moves", []))
+    except (OSError, ValueError, AttributeError):
+        pass
+    for name in (".staging", ".trash", ".global_worst.new"):
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    for name in os.listdir(directory):
+        if name.startswith(".") and ".tmp" in name:
+            path = os.path.join(directory, name)
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    INTERRUPTS.install()
     try:
         args, directory, state = prepare(argv)
     except UsageError as e:
         print(f"search.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("search.py: interrupted before the search started; nothing was written", file=sys.stderr)
+        return 128 + (INTERRUPTS.received or signal.SIGINT)
     fresh = state is None and not args.resume
-    if fresh:
-        os.makedirs(directory)
-        write_json(os.path.join(directory, "args.json"), public_args(args))
-    search = Search(args, directory, state)
-    print(f"log: {os.path.join(directory, 'log.txt')}", flush=True)
-    search.log(f"{'resuming' if args.resume else 'starting'} search in {directory}")
-    if args.ignored:
-        search.log(f"ignored sub-folders of {args.initial_expert_directory} (no adapter/model): "
-                   f"{', '.join(args.ignored)}")
-    # Ctrl-C and SIGTERM end the search between commits: the state on disk is always the last finished iteration
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    search = None
     try:
+        if fresh:
+            os.makedirs(directory)
+            recorded = public_args(args)
+            recorded["args_sha256"] = args_checksum(recorded)
+            write_json(os.path.join(directory, "args.json"), recorded)
+        args.args_sha256 = read_json(os.path.join(directory, "args.json"))["args_sha256"]
+        search = Search(args, directory, state)
+        print(f"log: {os.path.join(directory, 'log.txt')}", flush=True)
+        search.log(f"{'resuming' if args.resume else 'starting'} search in {directory}")
+        if args.ignored:
+            search.log(f"ignored sub-folders of {args.initial_expert_directory} (no adapter/model): "
+                       f"{', '.join(args.ignored)}")
         search.run()
         return 0
-    except (KeyboardInterrupt, WorkerError, merge.MergeError) as e:
+    except (KeyboardInterrupt, WorkerError, merge.MergeError, OSError) as e:
         interrupted = isinstance(e, KeyboardInterrupt)
-        search.close()
-        if fresh and search.state is None:
-            # nothing worth resuming was written: leave no half-made search directory behind
-            shutil.rmtree(directory, ignore_errors=True)
-            message = "interrupted" if interrupted else f"error: {e}"
-            print(f"search.py: {message} (before the first candidates were saved; {directory} removed)",
-                  file=sys.stderr)
-        else:
-            search.log("interrupted" if interrupted else f"error: {e}")
-            search.log(f"state saved. Resume with: python search.py --resume {directory}")
-            if not interrupted:
-                print(f"search.py: error: {e}", file=sys.stderr)
-        return 130 if interrupted else 1
+        signum = INTERRUPTS.received or signal.SIGINT
+        what = f"interrupted ({signal.Signals(signum).name})" if interrupted else f"error: {describe_fault(e)}"
+        with INTERRUPTS:  # a second Ctrl-C must not cut the tidying short
+            if search is not None:
+                try:
+                    search.close()
+                except Exception:  # noqa: BLE001 - the first fault is the one to report
+                    pass
+            if not os.path.exists(os.path.join(directory, "state.json")) and (fresh or search is None):
+                # nothing worth resuming was written: leave no half-made search directory behind
+                if fresh:
+                    shutil.rmtree(directory, ignore_errors=True)
+                print(f"search.py: {what} (before the first candidates were saved"
+                      + (f"; {directory} removed)" if fresh else ")"), file=sys.stderr)
+            else:
+                tidy(directory)
+                hint = f"state saved. Resume with: python search.py --resume {directory}"
+                try:
+                    search.log(what)
+                    search.log(hint)
+                except (OSError, AttributeError):
+                    pass
+                print(f"search.py: {what}; {hint}", file=sys.stderr)
+            INTERRUPTS.held = None
+        return 128 + signum if interrupted else 1
     finally:
-        search.close()
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        if search is not None:
+            search.close()
 
 
 if __name__ == "__main__":

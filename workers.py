@@ -31,6 +31,7 @@ import multiprocessing as mp
 import os
 import time
 import traceback
+import warnings
 
 
 class WorkerError(RuntimeError):
@@ -219,12 +220,18 @@ def atomic_write_text(path, text, durable=True):
     still leaves old or new content; a power cut may leave the old one."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        # a full disk (or a file size limit): no temporary file left behind, and the error names the file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     if durable:
         fsync_path(directory)  # make the rename itself durable
 
@@ -271,6 +278,11 @@ def _worker_main(device, config, conn):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C reaches the whole process group; the driver decides when workers stop (it closes their pipe)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # workers write nothing to the terminal: library warnings and loading progress bars say nothing a user of the
+    # search can act on (the driver checked the inputs up front), and a failed search says why in one line on stderr
+    warnings.simplefilter("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         runner = TaskRunner(device, config)
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which stops the search with it

@@ -180,6 +180,8 @@ def validate(raw, eval_type, source="<data>", name=None):
         if key in raw and not isinstance(raw[key], str):
             raise DataError(f"{source}: {key!r} must be a string, got {type(raw[key]).__name__}")
     kind = ITEM_KIND[eval_type]
+    if "icl_prompt" in raw and text_problem(raw["icl_prompt"]):
+        raise DataError(f"{source}: 'icl_prompt' {text_problem(raw['icl_prompt'])}")
     for split in SPLITS:
         for index, item in enumerate(raw[split]):
             problem = item_problem(item, kind, eval_type)
@@ -230,7 +232,30 @@ def item_problem(item, kind, eval_type):
         if not isinstance(item["answer"], str) or not item["answer"].strip():
             return f"'answer' must be a non-empty string, got {item['answer']!r}"
     if kind == MC:
-        return choices_problem(item["choices"], item["answer"])
+        problem = choices_problem(item["choices"], item["answer"])
+        if problem:
+            return problem
+    for key, value in item.items():
+        problem = text_problem(value)
+        if problem:
+            return f"{key!r} {problem}"
+    return None
+
+
+def text_problem(value):
+    """What makes a string (or the strings in a list or object) untokenizable, or None. JSON's \\ud800 escapes
+    decode to lone UTF-16 surrogates, which no tokenizer can encode: found here, before any model is loaded."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return (f"holds a lone surrogate {ascii(value[e.start])} at character {e.start} (a broken \\u escape "
+                    f"in the JSON): fix or drop the text")
+        return None
+    if isinstance(value, (list, tuple)):
+        return next((p for p in map(text_problem, value) if p), None)
+    if isinstance(value, dict):
+        return next((p for p in map(text_problem, value.values()) if p), None)
     return None
 
 
