@@ -201,8 +201,10 @@ def search(args, t_process):
         current, current_wall = run_pool(ctx, evaluate, [(os.path.join(root, f"candidate_{i}"), base, dev, False,
                                                           args.threads) for i in range(n)])
         fresh_ids = [i for i in range(n) if os.path.exists(os.path.join(root, f"candidate_{i}_new"))]
-        fresh, fresh_wall = run_pool(ctx, evaluate, [(os.path.join(root, f"candidate_{i}_new"), base, dev, False,
-                                                      args.threads) for i in fresh_ids])
+        fresh, fresh_wall = [], 0.0  # the published loop starts this pool only when there is something new
+        if fresh_ids:
+            fresh, fresh_wall = run_pool(ctx, evaluate, [(os.path.join(root, f"candidate_{i}_new"), base, dev, False,
+                                                          args.threads) for i in fresh_ids])
         results = [r["utility"] for r in current]
         new_utility = dict(zip(fresh_ids, (r["utility"] for r in fresh)))
         for i in range(n):
