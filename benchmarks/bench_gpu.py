@@ -18,7 +18,8 @@ token), decode ms per step of the whole batch, GPU peak memory, and the ratio to
 with peak FLOP/s and bandwidth looked up from the device name (H100/H200/A100) or given by --peak_tflops and
 --bandwidth_tbs. The roofline reads the weights once per new token, i.e. all prompts in one batch: hence the default
 --batch_size 200 (the search's own default on GPUs is 16; raise it with search.py --batch_size). Target: within 2x
-of the roofline. Takes about 2-4 minutes on an H100/H200 (must stay under 8).
+of the roofline. Meant to finish in under 5 minutes on an H100/H200 as one command (it prints its total time);
+not yet run on a GPU.
 
     python benchmarks/bench_gpu.py                                  # GPU 0, Gemma-7B shape
     python benchmarks/bench_gpu.py --shape tiny -g cpu --prompts 20 --candidates 3 --iterations 1   # CPU smoke test
@@ -36,6 +37,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
+START = time.perf_counter()  # before torch's import: the total printed at the end includes it
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -154,8 +156,12 @@ def main():
     import evaluate as ev
     import numpy as np
     from workers import TaskRunner
-    gpu = "cpu" if args.gpu == "cpu" else int(args.gpu)
-    device = ev.resolve_device(gpu)
+    gpu = "cpu" if args.gpu == "cpu" else int(args.gpu) if args.gpu.isdigit() else args.gpu
+    try:
+        device = ev.resolve_device(gpu)
+    except ev.EvalError as e:  # no GPU here, or a bad -g: one line (the CPU smoke test is --shape tiny -g cpu)
+        print(f"bench_gpu.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     peak, bandwidth = next(((p, b) for key, p, b in DEVICES if key in name), (None, None))
     peak = args.peak_tflops or peak
@@ -230,6 +236,7 @@ def main():
               f"{wall / roofline:.2f}x the roofline (target <= 2x)")
     else:
         print(f"roofline: unknown peak FLOP/s and bandwidth for {name!r}; give --peak_tflops and --bandwidth_tbs")
+    print(f"total {time.perf_counter() - START:.0f} s (target: under 5 minutes)")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""How long is a search iteration, how much of it is model forward passes, and how does it scale? (issue #8)
+"""How long is a search iteration, how much of it is model forward passes, and how does it compare with the
+published code path as it really runs? (issues #8, #17)
 
 On the tiny population, on CPU, through the real search.py (a subprocess per run; the figures come from the
 per-iteration profile it records in state.json and log.txt):
-  1. 10 candidates on the default dev set (data/eval/tiny_demo.json), search_demo.sh's settings: seconds per
-     iteration and the share spent in forward passes (target >= 90%), with the profile's other parts;
-  2. the published strategy on the same population, data and machine: a fresh process per step that merges every
-     candidate through disk (lora_merge) and loads the base model and the merged adapter for each evaluation;
-     ratio of seconds per iteration (target: ours >= 5x faster);
+  1. side by side, interleaved, --repetitions times: search_demo.sh -m --iterations (this project, the demo's
+     settings) and benchmarks/published_baseline.py (the published search loop step by step: three one-process pools
+     per iteration, started with 'spawn' as published and, as a lower bound, with 'fork' from the imported driver;
+     three lora_merge calls through disk per candidate; 2N evaluations per iteration, each loading the base model,
+     the adapter and the tokenizer, batches of 10, 10 new tokens). Seconds per iteration, per candidate and per
+     evaluation, median (min-max) over the repetitions, the forward share, each path's profile and the machine's
+     load (1-minute os.getloadavg before and after each run); the published scorer's 0.2 s sleep per correct answer
+     is reported apart and is not in any figure;
+  2. (from the same runs) the start-up before the first iteration: driver imports and checks, worker spawn and
+     model load, initial evaluation; and the published loop's;
   3. scaling: 10/20/40 candidates x 50/100/200 dev items (generated tiny_demo items), least-squares fit of
      s/iteration = intercept + slope * candidates * items; and 1 vs 2 CPU workers;
   4. memory: peak resident memory (VmHWM) of the worker over 20 iterations, after the first vs after the last;
@@ -19,9 +25,9 @@ than free cores make the tiny model's many small ops wait for descheduled thread
 machine with one core busy), which would measure the neighbours rather than the search. --threads 0 leaves the
 search's own default (cores / workers).
 
-    python benchmarks/bench_search.py                    # everything, about 6-10 minutes on 2 cores
-    python benchmarks/bench_search.py --quick            # reduced grid and fewer iterations, about 3 minutes
-    python benchmarks/bench_search.py --sections 1,5     # some sections only
+    python benchmarks/bench_search.py                    # everything, about 25-40 minutes on 2 busy cores
+    python benchmarks/bench_search.py --sections 1       # side by side and start-up only (about 15-25 minutes)
+    python benchmarks/bench_search.py --quick            # one repetition, 'fork' only, reduced grid (a smoke test)
 """
 import argparse
 import json
@@ -43,51 +49,6 @@ os.environ["WANDB_MODE"] = "disabled"
 TINY = REPO / "initial_experts" / "tiny"
 BASE = TINY / "base_model"
 EXPERTS = TINY / "experts"
-
-# One step of the published strategy, as a fresh process: every candidate is merged from the population's folders
-# into a new folder (lora_merge: read, merge, write with fsync), then the base model and that adapter are loaded with
-# from_pretrained and the dev set is generated with the same batch size and token budget as the search uses.
-PUBLISHED_STEP = r"""
-import json, math, sys, time
-t_start = time.perf_counter()
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer
-sys.path.insert(0, sys.argv[2])
-import evaluate as ev
-from merge import lora_merge
-job = json.load(open(sys.argv[1]))
-torch.set_num_threads(job["threads"])
-rule = ev.exact_match_rule("tiny_demo")
-prompts = [x["question"] for x in job["items"]]
-golds = [x["answer"] for x in job["items"]]
-forward, merging, loading, utilities = 0.0, 0.0, 0.0, []
-for c, (weights, out) in enumerate(zip(job["weights"], job["outputs"])):
-    start = time.perf_counter()
-    lora_merge(weights, job["population"], out, "cpu")
-    merging += time.perf_counter() - start
-    start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(job["base"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(job["base"])
-    tokenizer.padding_side = "left"
-    loading += time.perf_counter() - start
-    outputs = []
-    for i in range(math.ceil(len(prompts) / job["batch_size"])):
-        batch = prompts[i * job["batch_size"]:(i + 1) * job["batch_size"]]
-        enc = tokenizer(batch, return_tensors="pt", padding=True)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out_ids = model.generate(**enc, max_new_tokens=job["max_new_tokens"], do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-        forward += time.perf_counter() - start
-        outputs += [tokenizer.decode(o[enc.input_ids.shape[1]:], skip_special_tokens=True).strip() for o in out_ids]
-    scores = [ev.exact_match_score(rule, g, ev.extract_answer(rule, g, o)) for g, o in zip(golds, outputs)]
-    utilities.append(sum(scores) / len(scores))
-print(json.dumps({"forward": forward, "merge": merging, "load": loading, "utilities": utilities,
-                  "process": time.perf_counter() - t_start}))
-"""
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running the real search
@@ -180,80 +141,145 @@ def summarise(state, workers=1):
     return mean
 
 
-def restarts_per_iteration(log, iterations):
-    return sum(int(n) for n in re.findall(r"restarted (\d+)", log)) / max(1, iterations)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 1 and 2: one search iteration, ours and published
+# 1 and 2: this project's search vs the published loop, side by side; start-up
 
-def section_search(tmp, iterations, threads):
-    print(f"\n[1] search.py, 10-candidate population, default dev set, search_demo.sh settings (-p 6), "
-          f"{iterations} iterations")
-    state, log, _ = run_search(Path(tmp) / "s1", ["-g", "cpu", "-p", "6", "-m", iterations, "--seed", "42"], threads)
-    m = summarise(state)
+def median_range(values):
+    """'median (min-max)' of a list of figures."""
+    ordered = sorted(values)
+    middle = ordered[len(ordered) // 2] if len(ordered) % 2 else (ordered[len(ordered) // 2 - 1] +
+                                                                   ordered[len(ordered) // 2]) / 2
+    return middle, ordered[0], ordered[-1]
+
+
+def fmt(values, digits=2, unit=""):
+    middle, low, high = median_range(values)
+    return f"{middle:.{digits}f}{unit} ({low:.{digits}f}-{high:.{digits}f})"
+
+
+def run_ours(root, iterations, threads):
+    """search_demo.sh -m ITERATIONS (the demo's settings) as a subprocess. Returns the per-iteration profiles, the
+    evaluations per iteration (candidates + stray restarts) and the start-up phases, timed by polling log.txt:
+    driver (process start to the first log line: imports and argument validation), workers (to "initialising":
+    worker spawned and ready), initial evaluation (to "starting best": every candidate and the starting best's test
+    set; the worker loads the base model on its first task, so that load is in this phase)."""
+    root = Path(root)
+    env = search_env(threads)
+    env["PYTHON"] = sys.executable
+    marks = {"starting search": "driver", "initialising": "workers", "starting best": "initial_evaluation"}
+    seen = {}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "--output_root", str(root)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    while proc.poll() is None and len(seen) < len(marks):
+        time.sleep(0.01)
+        logs = list(root.glob("*/log.txt"))
+        if logs:
+            text = logs[0].read_text()
+            for needle, name in marks.items():
+                if name not in seen and needle in text:
+                    seen[name] = time.perf_counter() - t0
+    out, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"search_demo.sh failed ({proc.returncode}):\n{out[-3000:]}")
+    directory = next(p for p in root.iterdir() if p.is_dir())
+    state = json.loads((directory / "state.json").read_text())
+    log = (directory / "log.txt").read_text()
     n = len(state["candidates"])
-    evals = n + restarts_per_iteration(log, len(state["profile"]))
-    print(f"  {len(state['profile'])} iterations of {n} candidates (+{evals - n:.1f} restarts on average): "
-          f"{m['wall']:.3f} s/iteration (median {m['median_wall']:.3f}), forward share {m['share']:.1%} "
-          f"(target >= 90%)")
-    print("  mean profile: " + " ".join(f"{k} {m[k]:.3f}s" for k in
-                                        ("forward", "evaluate_other", "merge", "swap", "write", "commit", "driver_ipc")))
-    return m["wall"], evals
+    restarts = [int(x) for x in re.findall(r"restarted (\d+)", log)]
+    startup = {"driver": seen["driver"], "workers": seen["workers"] - seen["driver"],
+               "initial_evaluation": seen["initial_evaluation"] - seen["workers"], "total": seen["initial_evaluation"]}
+    return {"iterations": state["profile"], "candidates": n,
+            "evaluations": n + sum(restarts) / max(1, len(state["profile"])), "startup": startup}
 
 
-def section_published(tmp, steps, threads, ours, ours_evals):
-    import numpy as np
-    import bwr
-    import evaluate as ev
-    print(f"\n[2] published strategy, same population, data and machine: {steps} step(s), each a fresh process that "
-          f"merges through disk and loads the base model per evaluation")
-    data = json.loads((REPO / "data" / "eval" / "tiny_demo.json").read_text())
-    population_dir = Path(tmp) / "published_population"
-    population = []
-    for path in experts():
-        shutil.copytree(path, population_dir / path.name)
-        population.append(str(population_dir / path.name))
-    n = len(population)
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(str(BASE))
-    budget = ev.exact_match_budget(tokenizer, [x["answer"] for x in data["dev"]], ev.exact_match_rule("tiny_demo"))
-    rng = np.random.default_rng(42)
-    utilities = [0.0] * n  # the first step sees an unranked population; only timing matters here
-    walls, parts = [], []
-    for step in range(steps):
-        best, worst = int(np.argmax(utilities)), int(np.argmin(utilities))
-        weights = []
-        for i in range(n):
-            update = bwr.bwr_update(i, best, worst, n, 1.0, rng, "scaled_random")
-            weights.append([float(w) for w in update["weights"]])
-        outputs = [str(Path(tmp) / f"published_step{step}" / f"candidate_{i}") for i in range(n)]
-        job = Path(tmp) / "published_job.json"
-        job.write_text(json.dumps({"threads": max(threads, 1), "items": data["dev"], "weights": weights,
-                                   "outputs": outputs, "population": population, "base": str(BASE),
-                                   "batch_size": 32, "max_new_tokens": budget}))
-        start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", PUBLISHED_STEP, str(job), str(REPO)], check=True,
-                             capture_output=True, text=True, env=search_env(threads))
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        # greedy acceptance through disk, as the published code keeps its population in folders
-        for i, u in enumerate(result["utilities"]):
-            if u >= utilities[i] or step == 0:
-                shutil.rmtree(population[i])
-                shutil.copytree(outputs[i], population[i])
-                utilities[i] = u
-        walls.append(time.perf_counter() - start)
-        parts.append(result)
-    wall = sum(walls) / len(walls)
-    mean = {k: sum(p[k] for p in parts) / len(parts) for k in ("forward", "merge", "load", "process")}
-    rest = wall - mean["forward"] - mean["merge"] - mean["load"]
-    print(f"  {wall:.3f} s/iteration ({n} candidates): forward {mean['forward']:.3f}s, merges through disk "
-          f"{mean['merge']:.3f}s, model loads {mean['load']:.3f}s, the rest (process start, imports, tokenising, "
-          f"population copies) {rest:.3f}s; forward share {mean['forward'] / wall:.1%}")
-    # ours may have evaluated restarts on top of its n candidates: compare per candidate evaluation as well
-    print(f"  ours {ours:.3f} s/iteration -> {wall / ours:.1f}x faster per iteration, "
-          f"{(wall / n) / (ours / ours_evals):.1f}x per candidate evaluation (target >= 5x)")
+def run_published(root, iterations, threads, start_method):
+    env = search_env(threads)
+    env["BENCH_T0"] = repr(time.time())
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "published_baseline.py"), "--out", str(root),
+                          "-m", str(iterations), "--start_method", start_method, "--threads", str(max(threads, 1))],
+                         cwd=REPO, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"published_baseline.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
+
+def section_side_by_side(tmp, repetitions, iterations, threads, start_methods):
+    """Interleaved runs (the order rotates each repetition so that a change of the machine's load hits every
+    path alike); for every run the median over its iterations, then median (min-max) over the repetitions."""
+    print(f"\n[1] this project (search_demo.sh -m {iterations}) vs the published loop "
+          f"(benchmarks/published_baseline.py, pools started with {' / '.join(start_methods)}), same population, "
+          f"dev set and machine, {repetitions} interleaved repetitions; median (min-max) over repetitions of each "
+          f"run's median iteration")
+    paths = ["ours"] + [f"published_{m}" for m in start_methods]
+    runs = {p: [] for p in paths}
+    for r in range(repetitions):
+        for p in paths[r % len(paths):] + paths[:r % len(paths)]:
+            load = os.getloadavg()[0]
+            root = Path(tmp) / f"{p}_{r}"
+            if p == "ours":
+                result = run_ours(root, iterations, threads)
+                walls = [it["wall"] for it in result["iterations"]]
+                share = median_range([it["forward"] / it["wall"] for it in result["iterations"]])[0]
+                run = {"wall": median_range(walls)[0], "candidates": result["candidates"],
+                       "evaluations": result["evaluations"], "share": share, "startup": result["startup"],
+                       "profile": {k: median_range([it[k] for it in result["iterations"]])[0]
+                                   for k in result["iterations"][0]}}
+            else:
+                result = run_published(root, iterations, threads, p.split("_", 1)[1])
+                its = result["iterations"]
+                run = {"wall": median_range([it["wall"] for it in its])[0], "candidates": its[0]["candidates"],
+                       "evaluations": median_range([it["evaluations"] for it in its])[0],
+                       "share": median_range([it["forward"] / it["wall"] for it in its])[0],
+                       "startup": result["startup"],
+                       "profile": {k: median_range([it[k] for it in its])[0]
+                                   for k in ("merge", "load", "forward", "pool_overhead", "sleep_artefact")}}
+            run["load"] = (load, os.getloadavg()[0])
+            runs[p].append(run)
+            print(f"  rep {r + 1} {p:>17}: {run['wall']:7.3f} s/iteration, forward share {run['share']:.1%}, "
+                  f"load {run['load'][0]:.1f} -> {run['load'][1]:.1f}", flush=True)
+    print(f"\n  {'path':>17} {'s/iteration':>22} {'s/candidate':>22} {'s/evaluation':>22} {'forward share':>16} "
+          f"{'load (1 min)':>14}")
+    for p in paths:
+        rows = runs[p]
+        loads = [x for run in rows for x in run["load"]]
+        print(f"  {p:>17} {fmt([x['wall'] for x in rows], 3):>22} "
+              f"{fmt([x['wall'] / x['candidates'] for x in rows], 4):>22} "
+              f"{fmt([x['wall'] / x['evaluations'] for x in rows], 4):>22} "
+              f"{fmt([100 * x['share'] for x in rows], 1, '%'):>16} {min(loads):5.1f}-{max(loads):.1f}")
+    ours = runs["ours"]
+    for p in paths[1:]:
+        ratio = [pub["wall"] / our["wall"] for pub, our in zip(runs[p], ours)]
+        per_evaluation = [(pub["wall"] / pub["evaluations"]) / (our["wall"] / our["evaluations"])
+                          for pub, our in zip(runs[p], ours)]
+        print(f"  {p} / ours, paired by repetition: {fmt(ratio, 1, 'x')} per iteration (= per candidate), "
+              f"{fmt(per_evaluation, 1, 'x')} per evaluation")
+    print("\n  median profile per iteration (s):")
+    for p in paths:
+        keys = list(runs[p][0]["profile"])
+        print(f"  {p:>17}: " + " ".join(f"{k} {fmt([x['profile'][k] for x in runs[p]], 3)}" for k in keys
+                                        if k != "sleep_artefact"))
+    for p in paths[1:]:
+        print(f"  {p}: the published scorer's 0.2 s sleep per correct answer would add "
+              f"{fmt([x['profile']['sleep_artefact'] for x in runs[p]], 1, ' s')} per iteration (not in the figures "
+              f"above)")
+    print(f"\n[2] start-up before the first iteration, median (min-max) s over the same runs")
+    # the worker loads transformers, peft and the base model on its first task: the initial evaluation less
+    # (candidates + 1) evaluations at the run's own per-evaluation speed estimates that first-use load
+    first_use = [x["startup"]["initial_evaluation"] - (x["candidates"] + 1) * x["wall"] / x["evaluations"]
+                 for x in ours]
+    print(f"  ours: driver (process start to its first log line: imports, argument checks) "
+          f"{fmt([x['startup']['driver'] for x in ours])}, worker spawn + torch import "
+          f"{fmt([x['startup']['workers'] for x in ours])}, initial evaluation (10 candidates + the starting best's "
+          f"test set; the worker's first task also imports transformers/peft and loads the base model, about "
+          f"{fmt(first_use)} of it) {fmt([x['startup']['initial_evaluation'] for x in ours])}; total "
+          f"{fmt([x['startup']['total'] for x in ours])}")
+    for p in paths[1:]:
+        rows = runs[p]
+        print(f"  {p}: driver imports {fmt([x['startup']['imports'] for x in rows])}, initial evaluation pool "
+              f"{fmt([x['startup']['initial_evaluation'] for x in rows])} (of which pool start "
+              f"{fmt([x['startup']['initial_pool_overhead'] for x in rows])})")
+    return runs
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3: scaling
@@ -400,7 +426,10 @@ def section_mixed(threads, candidates=10):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced grid and fewer iterations (a smoke test)")
-    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run (default all)")
+    parser.add_argument("--sections", default="1,3,4,5",
+                        help="which sections to run (default all; 1 includes 2, the start-up)")
+    parser.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions of section 1")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations per run in section 1 (-m)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of every process (default 1; 0: the search's own default)")
     args = parser.parse_args()
@@ -411,10 +440,9 @@ def main():
           f"cores; {args.threads or 'default'} thread(s) per process; load average {os.getloadavg()[0]:.2f}")
     quick = args.quick
     with tempfile.TemporaryDirectory() as tmp:
-        if "1" in sections or "2" in sections:
-            ours, evals = section_search(tmp, 3 if quick else 10, args.threads)
-            if "2" in sections:
-                section_published(tmp, 1 if quick else 3, args.threads, ours, evals)
+        if "1" in sections:
+            section_side_by_side(tmp, 1 if quick else args.repetitions, args.iterations, args.threads,
+                                 ["fork"] if quick else ["spawn", "fork"])
         if "3" in sections:
             section_scaling(tmp, [10, 20] if quick else [10, 20, 40], [50, 100] if quick else [50, 100, 200],
                             2 if quick else 3, args.threads)
