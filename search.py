@@ -33,6 +33,7 @@ import uuid
 
 import bwr
 import merge
+import optimizers
 from workers import LocalPool, WorkerError, atomic_write_text, sync_filesystem
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -103,7 +104,19 @@ def build_parser():
     a("--seed", type=int, default=42, help="seed of every random draw of the search")
     a("--reset_mode", default="scaled_random", choices=["scaled_random", "bounds"],
       help="BWR reset branch: random * r3 (seed README) or uniform between population min and max (Rao)")
-    a("--greedy", type=int, default=1, choices=[0, 1], help="1: keep an update only if utility does not decrease")
+    a("--greedy", type=int, default=1, choices=[0, 1],
+      help="1: keep an update only if it scores strictly better (bwr, random; pso and cma_es always move)")
+    a("--optimizer", default="bwr", choices=list(optimizers.OPTIMIZERS),
+      help="bwr: the Best-Worst-Random rule; pso: Model Swarms' particle swarm; cma_es: CMA-ES; random: random "
+           "search (pso, cma_es and random search coefficient vectors over the initial experts)")
+    a("--max_evaluations", type=int, default=None,
+      help="stop after this many dev evaluations of candidates (the initial population's included; the final "
+           "and the starting test evaluations are not counted)")
+    a("--inertia", type=float, default=0.4, help="pso: weight of the particle's velocity (Model Swarms' default)")
+    a("--cognitive_coeff", type=float, default=0.3, help="pso: weight of the pull to the personal best")
+    a("--social_coeff", type=float, default=0.3, help="pso: weight of the pull to the global best")
+    a("--repel_coeff", type=float, default=0.3, help="pso: weight of the push away from the global worst")
+    a("--cma_sigma0", type=float, default=0.5, help="cma_es: initial standard deviation of the coefficients")
     a("--batch_size", type=int, default=None, help="generation batch size (default: 16 on GPU, 32 on CPU)")
     a("--mc_scoring", default="generate", choices=["generate", "logits"],
       help="multiple choice: parse generated answers, or pick the letter with the highest next-token logit")
@@ -139,6 +152,12 @@ NUMERIC_RULES = [  # (flag, test, what is valid)
     ("batch_size", lambda v: v is None or v >= 1, "an integer >= 1"),
     ("num_cpu_workers", lambda v: v >= 1, "an integer >= 1"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)"),
+    ("max_evaluations", lambda v: v is None or v >= 1, "an integer >= 1"),
+    ("inertia", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("cognitive_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("social_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("repel_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("cma_sigma0", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
 ]
 
 
@@ -203,6 +222,7 @@ def validate_args(args):
         raise UsageError(str(e)) from None
     if args.reset_mode == "bounds" and not args.fast_merge:
         raise UsageError("--reset_mode bounds needs adapter experts (--fast_merge 1)")
+    check_optimizer_args(args)
     import evaluate
     try:
         evaluate.check_credentials(args.eval_type)
@@ -218,6 +238,25 @@ def validate_args(args):
                                       bool(args.trust_remote_code))
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
+    size = population_size(args)
+    if args.max_evaluations is not None and args.max_evaluations < size:
+        raise UsageError(f"--max_evaluations {args.max_evaluations} is smaller than the initial population's {size} "
+                         f"evaluations: give at least {size}")
+
+
+def check_optimizer_args(args):
+    """Combinations an optimizer cannot honour are refused rather than silently ignored."""
+    if args.optimizer == "cma_es" and (args.dropK > 0 or args.dropN > 0):
+        raise UsageError("--dropK/--dropN skip evaluations, and CMA-ES needs every sample of a generation scored: "
+                         "use them with --optimizer bwr, pso or random")
+    if args.optimizer == "pso" and sum((args.inertia, args.cognitive_coeff, args.social_coeff, args.repel_coeff)) <= 0:
+        raise UsageError("--inertia, --cognitive_coeff, --social_coeff and --repel_coeff are all 0: pso needs one > 0")
+    if args.optimizer != "bwr" and args.reset_mode != "scaled_random":
+        raise UsageError(f"--reset_mode is a BWR setting; --optimizer {args.optimizer} has no reset branch")
+
+
+def population_size(args):
+    return max(args.initial_experts_num, len(args.experts)) if args.populate_initial_experts else len(args.experts)
 
 
 def find_experts(directory, fast_merge):
@@ -463,6 +502,7 @@ class Search:
         self.state = state
         self.pool = None
         self.wandb = None
+        self.optimizer = None  # optimizers.make(): set by initialise(), or restored from the state by run()
 
     # -- paths and helpers
     def cand(self, i):
@@ -554,18 +594,19 @@ class Search:
         a = self.args
         rng = bwr.make_rng(a.seed)
         experts = a.experts
-        size = max(a.initial_experts_num, len(experts)) if a.populate_initial_experts else len(experts)
+        size = population_size(a)
         recipes = [{"parents": [i], "weights": [1.0]} for i in range(len(experts))]
         while len(recipes) < size:
             first, second = rng.choice(len(experts), size=2, replace=False)
             w, w2 = bwr.crossover(rng)
             recipes.append({"parents": [int(first), int(second)], "weights": [float(w), float(w2)]})
         self.fresh_staging(0)
-        tasks = []
+        tasks, coefficients = [], []
         for i, recipe in enumerate(recipes):
             weights = [0.0] * len(experts)
             for parent, w in zip(recipe["parents"], recipe["weights"]):
                 weights[parent] += w
+            coefficients.append(weights)
             tasks.append({"op": "candidate", "name": f"candidate_{i}",
                           "sources": [[os.path.abspath(p), 0] for p in experts],
                           "update": {"kind": "combine", "weights": weights}, "split": "dev",
@@ -594,7 +635,10 @@ class Search:
             "starting_best": {"candidate": start, "expert": os.path.basename(experts[start]),
                               "utility": expert_utilities[start]},
             "history": {"best": [], "worst": []}, "emergence": {},
+            "evaluations": len(results), "evaluations_history": [len(results)],
         }
+        # per-item dev scores of the starting best: the paired statistics of finish() compare against them
+        self.state["starting_best"]["dev_scores"] = (results[start].get("details") or {}).get("scores")
         if a.correctness_emergence:
             self.record_emergence(0, {i: r for i, r in enumerate(results)})
         # the initial population's per-item results, for the published starting_top-k_ensemble_* metrics
@@ -607,9 +651,14 @@ class Search:
         for i, result in zip(test_targets, test_results):
             candidates[i]["starting_test_utility"] = result["utility"]
             self.log(f"candidate_{i}: starting test utility {result['utility']:.4f}")
+            if i == start:
+                self.state["starting_best"]["test_scores"] = (result.get("details") or {}).get("scores")
         self.state["starting_best"]["test_utility"] = candidates[start]["starting_test_utility"]
         if a.starting_test_set_eval:
             self.state["starting_details"]["test"] = compact_details([r.get("details") for r in test_results])
+        self.optimizer = optimizers.make(a, len(experts))
+        self.optimizer.start(coefficients, [c["utility"] for c in candidates], rng)
+        self.state["optimizer"] = self.optimizer.state()
         moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(size)]
         moves += self.best_worst_moves(None)[0]
         self.state["rng"] = bwr.rng_state(rng)
@@ -653,27 +702,33 @@ class Search:
     def iterate(self):
         a, s = self.args, self.state
         t0 = time.perf_counter()
+        opt = self.optimizer
         rng = bwr.rng_from_state(s["rng"])
         k = s["iteration"] + 1
         n = len(s["candidates"])
-        u = self.utilities()
-        best = max(range(n), key=lambda i: (u[i], -i))
-        worst = min(range(n), key=lambda i: (u[i], i))
+        budget = None if a.max_evaluations is None else a.max_evaluations - s["evaluations"]
         skip_iteration = rng.random() < a.dropK if a.dropK > 0 else False
         self.fresh_staging(k)
+        # propose: one update per member, as coefficients over the population or over the initial experts
+        opt.begin(self.utilities(), s["step_length"], rng)
+        if opt.over == "population":
+            sources = [self.source(j) for j in range(n)]
+        else:
+            sources = [[os.path.abspath(p), 0] for p in a.experts]
         tasks, indices = [], []
         for i in range(n):
             skip = rng.random() < a.dropN if a.dropN > 0 else False
-            update = bwr.bwr_update(i, best, worst, n, s["step_length"], rng, a.reset_mode)
-            if skip or skip_iteration:
+            update = opt.propose(i, rng)
+            if skip or skip_iteration or (budget is not None and len(tasks) >= budget):
                 continue
-            threshold = s["candidates"][i]["utility"] if a.greedy else None
+            threshold = s["candidates"][i]["utility"] if opt.greedy else None
             if threshold is not None and math.isnan(threshold):
                 threshold = None
-            tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": [self.source(j) for j in range(n)],
+            tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": sources,
                           "update": update, "split": "dev", "accept_if_at_least": threshold,
                           "save_to": os.path.join(self.staging, f"candidate_{i}"), "cache_as": [self.cand(i), k]})
             indices.append(i)
+        # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
         accepted, rejected_nan = 0, 0
         for i, result in zip(indices, results):
@@ -696,29 +751,28 @@ class Search:
             s["candidates"][i]["stale"] += 1
         if a.correctness_emergence:
             self.record_emergence(k, {i: r for i, r in zip(indices, results) if r["accepted"]})
+        opt.end({i: (r["utility"], bool(r["accepted"])) for i, r in zip(indices, results)})
 
         # restart stray candidates: no personal improvement for restart_patience * patience iterations
         restarted, restart_results = [], []
-        if a.restart_stray_candidates:
+        if a.restart_stray_candidates and opt.restarts:
             limit = max(1, int(round(a.restart_patience * a.patience)))
             current_best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
             stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
+            if budget is not None:  # the budget cuts restarts too (the strays past it are left as they are)
+                stray = stray[:max(budget - len(tasks), 0)]
             # a restart replaces a staged-but-unused update of the same candidate (removed before any source is
             # named, so that no task reads a folder removed before it runs)
             for i in stray:
                 if os.path.exists(os.path.join(self.staging, f"candidate_{i}")):
                     self.trash.put(os.path.join(self.staging, f"candidate_{i}"))
-            sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
+            restart_sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
             restart_tasks = []
             for i in stray:
-                partner = int(rng.integers(0, len(a.experts)))
-                w, w2 = bwr.crossover(rng)
-                # a fresh start near the global best: crossover of the best candidate and a random initial expert
-                weights = [0.0] * len(sources)
-                weights[current_best] += w
-                weights[n + partner] += w2
+                # a fresh start near the population's best: crossover of the best candidate and a random expert
+                weights = opt.restart(i, current_best, n, len(a.experts), rng)
                 # a version of its own: a worker may hold this iteration's superseded update as version k
-                restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": sources,
+                restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": restart_sources,
                                       "update": {"kind": "combine", "weights": weights}, "split": "dev",
                                       "accept_if_at_least": None,
                                       "save_to": os.path.join(self.staging, f"candidate_{i}"),
@@ -744,6 +798,10 @@ class Search:
         s["no_improvement"] = 0 if improved else s["no_improvement"] + 1
         s["step_length"] = max(s["step_length"] * a.step_length_factor, a.minimum_step_length)
         s["rng"] = bwr.rng_state(rng)
+        s["optimizer"] = opt.state()
+        evaluations = len(results) + len(restart_results)
+        s["evaluations"] += evaluations
+        s["evaluations_history"].append(evaluations)
         # the profile covers the whole iteration, restarts and commit included; the entry the commit persists lacks
         # the commit's own seconds, so it is completed in place afterwards (and persisted by the next commit)
         evaluated = results + restart_results
@@ -755,7 +813,8 @@ class Search:
         self.log(f"iteration {k}: best {s['best']['utility']:.4f} (candidate_{s['best']['candidate']}) "
                  f"worst {s['worst']['utility']:.4f} | accepted {accepted}/{len(indices)}"
                  + (f", skipped {len(skipped)}" if skipped else "") + (f", restarted {len(restarted)}" if restarted else "")
-                 + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}")
+                 + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}"
+                 + f" | {evaluations} evaluations ({s['evaluations']} in all)")
         self.log("profile: " + " ".join(f"{key} {value:.3f}s" for key, value in profile.items()))
         if self.wandb is not None:
             self.wandb.log({"best": s["best"]["utility"], "worst": s["worst"]["utility"],
@@ -810,7 +869,19 @@ class Search:
             "starting_best_expert": s["starting_best"]["expert"],
             "ending_best_candidate": f"candidate_{s['best']['candidate']}",
             "iterations": s["iteration"],
+            "optimizer": a.optimizer,
+            "dev_evaluations": s["evaluations"],
         }
+        # the gain of the ending global best over the starting best, paired item by item
+        start = s["starting_best"]
+        for split, before, result in (("test", start.get("test_scores"), best_test),
+                                      ("dev", start.get("dev_scores"), best_dev)):
+            gain = paired_gain(before, (result.get("details") or {}).get("scores"),
+                               start["test_utility" if split == "test" else "utility"], result["utility"])
+            if gain is not None:
+                metrics[f"{split}_gain_over_starting_best"] = gain["gain"]
+                metrics[f"{split}_gain_paired_se"] = gain["se"]
+                metrics[f"{split}_gain_items"] = gain["items"]
         metrics.update(ensembles([r.get("details") for r in test], [c["utility"] for c in s["candidates"]],
                                  a.eval_type))
         for i, r in enumerate(test):
@@ -830,6 +901,16 @@ class Search:
         for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
                     "ending_best_validation_utility", "ending_best_single_test_accuracy"):
             self.log(f"{key}: {metrics[key]:.4f}")
+        for split in ("test", "dev"):
+            if f"{split}_gain_over_starting_best" in metrics:
+                self.log(f"{split} gain of the ending best over the starting best: "
+                         f"{metrics[f'{split}_gain_over_starting_best']:+.4f} ± "
+                         f"{metrics[f'{split}_gain_paired_se']:.4f} (paired SE, "
+                         f"{metrics[f'{split}_gain_items']} items)")
+            else:
+                self.log(f"{split} gain: no paired statistics (this objective's utility is not a mean of "
+                         f"per-item scores)")
+        self.log(f"dev evaluations: {s['evaluations']} ({a.optimizer})")
         for key, value in metrics.items():
             if (key.startswith("top") and "ensemble" in key) or key.startswith("ending_best_single_dev_") or \
                     (key.startswith("ending_best_single_test_") and key != "ending_best_single_test_accuracy"):
@@ -849,6 +930,8 @@ class Search:
         self.start_wandb()
         if self.state is None:
             self.initialise()
+        else:
+            self.optimizer = optimizers.make(a, len(a.experts), self.state.get("optimizer"))
         while self.state["stage"] == "search":
             s = self.state
             if s["iteration"] >= a.max_iteration:
@@ -856,6 +939,9 @@ class Search:
                 s["stage"] = "final"
             elif s["no_improvement"] >= a.patience:
                 self.log(f"no new global best for {a.patience} iterations (--patience): stopping")
+                s["stage"] = "final"
+            elif a.max_evaluations is not None and s["evaluations"] >= a.max_evaluations:
+                self.log(f"reached --max_evaluations {a.max_evaluations} ({s['evaluations']} dev evaluations)")
                 s["stage"] = "final"
             else:
                 self.iterate()
@@ -981,6 +1067,22 @@ def published_metrics(state, eval_type, test_details, dev_details, best_dev, bes
         "ending_top-k_ensemble_dev_accuracy": population_ensemble(compact_details(dev_details), eval_type),
     }
     return test, dev
+def paired_gain(before, after, utility_before=None, utility_after=None):
+    """Mean per-item difference after - before and its paired standard error std(differences, ddof=1)/sqrt(n).
+
+    None when there are no per-item scores, their counts differ, or (when the utilities are given) a utility is
+    not the mean of its per-item scores (the harmonic mean of a multitask domain is not): the gain would then not
+    be the utility's."""
+    if not before or not after or len(before) != len(after) or len(before) < 2:
+        return None
+    for scores, utility in ((before, utility_before), (after, utility_after)):
+        if utility is not None and not math.isclose(sum(scores) / len(scores), utility, rel_tol=1e-9, abs_tol=1e-9):
+            return None
+    diffs = [float(b) - float(a) for a, b in zip(before, after)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return {"gain": mean, "se": math.sqrt(var / n), "items": n}
 
 
 def ensembles(details, dev_utilities, eval_type):
