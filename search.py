@@ -610,7 +610,7 @@ class Search:
             tasks.append({"op": "candidate", "name": f"candidate_{i}",
                           "sources": [[os.path.abspath(p), 0] for p in experts],
                           "update": {"kind": "combine", "weights": weights}, "split": "dev",
-                          "accept_if_at_least": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                          "accept_if_above": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
                           "cache_as": [self.cand(i), 0]})
             if len(recipe["parents"]) == 1:
                 # an initial expert is scored as it is: ties or dare would change even a lone expert of weight 1
@@ -667,9 +667,9 @@ class Search:
                  f" test {self.state['starting_best']['test_utility']:.4f}")
 
     def best_worst_moves(self, previous_best):
-        """Update best/worst in the state and return the folder move that records a new global best's weights.
-        global_worst/ is written once, by finish(): per iteration only accepted candidates and a new global best
-        reach the disk."""
+        """Update the global best and the global worst (the best and the worst ever, as the published loop keeps
+        them) and return the folder moves that record a new one's weights. history["worst"] is the population's
+        worst per iteration (the utility curve)."""
         s = self.state
         u = self.utilities()
         best = max(range(len(u)), key=lambda i: (u[i], -i))
@@ -677,11 +677,16 @@ class Search:
         moves = []
         improved = previous_best is None or u[best] > previous_best["utility"]
         if improved:
-            s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"]}
+            s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"],
+                         "version": s["candidates"][best]["version"]}
             staged = os.path.join(self.staging, "global_best")
             link_tree(self._current_weights(best), staged)
             moves.append([staged, os.path.join(self.dir, "global_best")])
-        s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
+        if previous_best is None or u[worst] < s["worst"]["utility"]:
+            s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
+            staged = os.path.join(self.staging, "global_worst")
+            link_tree(self._current_weights(worst), staged)
+            moves.append([staged, os.path.join(self.dir, "global_worst")])
         s["history"]["best"].append(s["best"]["utility"])
         s["history"]["worst"].append(u[worst])
         return moves, improved
@@ -725,7 +730,7 @@ class Search:
             if threshold is not None and math.isnan(threshold):
                 threshold = None
             tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": sources,
-                          "update": update, "split": "dev", "accept_if_at_least": threshold,
+                          "update": update, "split": "dev", "accept_if_above": threshold,
                           "save_to": os.path.join(self.staging, f"candidate_{i}"), "cache_as": [self.cand(i), k]})
             indices.append(i)
         # run and accept
@@ -761,30 +766,36 @@ class Search:
             stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
             if budget is not None:  # the budget cuts restarts too (the strays past it are left as they are)
                 stray = stray[:max(budget - len(tasks), 0)]
-            # a restart replaces a staged-but-unused update of the same candidate (removed before any source is
-            # named, so that no task reads a folder removed before it runs)
-            for i in stray:
-                if os.path.exists(os.path.join(self.staging, f"candidate_{i}")):
-                    self.trash.put(os.path.join(self.staging, f"candidate_{i}"))
             restart_sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
             restart_tasks = []
             for i in stray:
                 # a fresh start near the population's best: crossover of the best candidate and a random expert
                 weights = opt.restart(i, current_best, n, len(a.experts), rng)
-                # a version of its own: a worker may hold this iteration's superseded update as version k
+                # kept only if it scores strictly better than the candidate it would replace (the published loop
+                # compares a restart with the original like any update): a restart never erases a better record.
+                # Staged beside this iteration's update, which it replaces only once accepted; a version of its own:
+                # a worker may hold that update as version k
+                old = s["candidates"][i]["utility"]
                 restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": restart_sources,
                                       "update": {"kind": "combine", "weights": weights}, "split": "dev",
-                                      "accept_if_at_least": None,
-                                      "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                                      "accept_if_above": None if math.isnan(old) else old,
+                                      "save_to": os.path.join(self.staging, f"candidate_{i}.restart"),
                                       "cache_as": [self.cand(i), k + 0.5]})
             if restart_tasks:
                 restart_results = self.run_tasks(restart_tasks, f"iteration {k} restarts")
                 for i, result in zip(stray, restart_results):
                     c = s["candidates"][i]
                     if result["accepted"]:
+                        staged = os.path.join(self.staging, f"candidate_{i}")
+                        if os.path.exists(staged):
+                            self.trash.put(staged)
+                        os.replace(staged + ".restart", staged)
                         c.update(utility=result["utility"], version=k + 0.5, stale=0)
                         restarted.append(i)
                         self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
+                    else:
+                        self.log(f"candidate_{i}: restart scored {result['utility']:.4f}, not above its "
+                                 f"{c['utility']:.4f}: not kept")
                 if a.correctness_emergence:
                     self.record_emergence(k, {i: r for i, r in zip(stray, restart_results) if r["accepted"]})
         for c in s["candidates"]:
@@ -839,15 +850,8 @@ class Search:
         a, s = self.args, self.state
         n = len(s["candidates"])
         if a.clean_up_on_end:
-            # the published clean-up removes worst/: it is not written at all (a resumed finish removes it)
+            # the published clean-up removes worst/ (global_worst/, kept up to date by every commit)
             shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
-        else:
-            # global_worst/: written once, here, rather than after every iteration (before the evaluations below
-            # add golds_preds_*.json to the candidate folders; a resumed finish() leaves those out as well)
-            staged = os.path.join(self.dir, ".global_worst.new")
-            shutil.rmtree(staged, ignore_errors=True)
-            link_tree(self.cand(s["worst"]["candidate"]), staged, ignore=shutil.ignore_patterns("golds_preds_*"))
-            apply_moves([[staged, os.path.join(self.dir, "global_worst")]])
         self.log("final evaluation of every candidate and the global best on the test and dev sets")
         tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": split,
                   "details_to": os.path.join(self.cand(i), f"golds_preds_{split}.json")}
@@ -868,6 +872,7 @@ class Search:
             "ending_best_validation_utility_reevaluated": best_dev["utility"],
             "starting_best_expert": s["starting_best"]["expert"],
             "ending_best_candidate": f"candidate_{s['best']['candidate']}",
+            "ending_best_origin": best_origin(s),
             "iterations": s["iteration"],
             "optimizer": a.optimizer,
             "dev_evaluations": s["evaluations"],
@@ -937,8 +942,9 @@ class Search:
             if s["iteration"] >= a.max_iteration:
                 self.log(f"reached --max_iteration {a.max_iteration}")
                 s["stage"] = "final"
-            elif s["no_improvement"] >= a.patience:
-                self.log(f"no new global best for {a.patience} iterations (--patience): stopping")
+            elif patience_exhausted(s["history"]["best"], a.patience):
+                self.log(f"the global best did not change over the last {a.patience} entries of its history "
+                         f"(--patience): stopping")
                 s["stage"] = "final"
             elif a.max_evaluations is not None and s["evaluations"] >= a.max_evaluations:
                 self.log(f"reached --max_evaluations {a.max_evaluations} ({s['evaluations']} dev evaluations)")
@@ -1067,6 +1073,26 @@ def published_metrics(state, eval_type, test_details, dev_details, best_dev, bes
         "ending_top-k_ensemble_dev_accuracy": population_ensemble(compact_details(dev_details), eval_type),
     }
     return test, dev
+def patience_exhausted(best_history, patience):
+    """The published loop's stopping rule: before an iteration, stop when the global best's history (entry 0: the
+    initial population, then one entry per iteration) has more than `patience` entries and its last `patience`
+    are equal. That is `patience - 1` iterations without a new global best after one that found one, and
+    `patience` iterations when none has since the start."""
+    return len(best_history) > patience and len(set(best_history[-patience:])) == 1
+
+
+def best_origin(state):
+    """Where the global best came from: its candidate and iteration, and whether that candidate has moved since
+    (its weights as they were are in global_best/)."""
+    best = state["best"]
+    text = f"candidate_{best['candidate']} at iteration {best['iteration']}"
+    now = state["candidates"][best["candidate"]]
+    if "version" in best and now["version"] != best["version"]:
+        text += f" (candidate_{best['candidate']} has moved since: dev {now['utility']:.4f} now; global_best/ " \
+                f"holds the weights found then)"
+    return text
+
+
 def paired_gain(before, after, utility_before=None, utility_after=None):
     """Mean per-item difference after - before and its paired standard error std(differences, ddof=1)/sqrt(n).
 
