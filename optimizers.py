@@ -33,8 +33,6 @@ import numpy as np
 
 import bwr
 
-OPTIMIZERS = ("bwr", "pso", "cma_es", "random")
-
 
 class Optimizer:
     name = None
@@ -263,6 +261,7 @@ class RandomSearch(Optimizer):
 
 
 CLASSES = {cls.name: cls for cls in (BWR, PSO, CMAES, RandomSearch)}
+OPTIMIZERS = tuple(CLASSES)  # --optimizer's choices
 
 
 def make(args, n_experts, state=None):

@@ -174,3 +174,20 @@ def test_sigkill_then_resume_is_bit_for_bit_for_each_optimizer(optimizer, point,
     wa = load_file(os.path.join(reference, "global_best", "adapter_model.safetensors"))
     wb = load_file(os.path.join(directory, "global_best", "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, "benchmarks/compare_optimizers.py", "--budget", "11", "--seeds", "1",
+                           "--optimizers", "bwr", "cma=cma_es --cma_sigma0 0.3", "--output_root", str(tmp_path),
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["optimizer"], r["seed"], r["dev_evaluations"]) for r in rows] == [("bwr", 1, 11), ("cma", 1, 11)]
+    assert read(rows[1]["directory"], "args.json")["cma_sigma0"] == 0.3
+    for r in rows:
+        line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{r['optimizer']} "))
+        assert f"{r['test_gain_over_starting_best']:+.3f} ± {r['test_gain_paired_se']:.3f}" in line
