@@ -1,4 +1,5 @@
-"""BWR_model search: evolve a population of LoRA experts with the Best-Worst-Random algorithm.
+"""BWR_model search: evolve a population of LoRA experts with the Best-Worst-Random algorithm (or, to compare with
+it, Model Swarms' PSO, CMA-ES or random search: --optimizer, optimizers.py).
 
     python search.py -n demo -e exact_match -d tiny_demo -g cpu \
         -i initial_experts/tiny/experts -b initial_experts/tiny/base_model
@@ -13,7 +14,7 @@ Search directory layout (search/<name>_<hostname>[_<time>]/):
     utility_scratchpad.json    best, worst, history, candidate_i, candidate_i_history (the published keys), worst_history
     state.json                 everything needed to resume (iteration, step length, rng state, counters)
     candidate_i/               current weights of population member i
-    global_best/ global_worst/ best weights ever found; worst member of the final population (--clean_up_on_end 0)
+    global_best/ global_worst/ best and worst weights ever evaluated (global_worst/ with --clean_up_on_end 0)
     final_metrics.json         the overall metrics at the end (ours and the published names)
     correctness_emergence.json per-item dev correctness of every candidate per iteration (--correctness_emergence 1)
     utility_curve.png          best, worst and every candidate over iterations
