@@ -48,7 +48,8 @@ def run_one(label, flags, seed, budget, root, base_args, extra):
     [directory] = [os.path.join(out, d) for d in os.listdir(out) if os.path.isdir(os.path.join(out, d))]
     with open(os.path.join(directory, "final_metrics.json")) as f:
         metrics = json.load(f)
-    return {"optimizer": label, "seed": seed, "seconds": time.time() - start, "directory": directory, **metrics}
+    # the label names the variant (final_metrics.json's "optimizer" is the --optimizer it ran)
+    return {**metrics, "optimizer": label, "seed": seed, "seconds": time.time() - start, "directory": directory}
 
 
 def fmt_gain(row, split):
