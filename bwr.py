@@ -174,15 +174,16 @@ def apply_update(update, states, method="weighted_average", params=None, names=N
 def accept(old_utility, new_utility, greedy):
     """Whether a candidate moves to its new model.
 
-    greedy: only if new >= old. Not greedy: always. A NaN new utility is never accepted; a NaN
-    old one (a broken candidate) is replaced by any non-NaN new one.
+    greedy: only if new > old, strictly (as the published loop: an equal score keeps the current model). Not
+    greedy: always. A NaN new utility is never accepted; a NaN old one (a broken candidate) is replaced by any
+    non-NaN new one.
     """
     new, old = float(new_utility), float(old_utility)
     if math.isnan(new):
         return False
     if not greedy or math.isnan(old):
         return True
-    return new >= old
+    return new > old
 
 
 def crossover(rng):

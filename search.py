@@ -1,4 +1,5 @@
-"""BWR_model search: evolve a population of LoRA experts with the Best-Worst-Random algorithm.
+"""BWR_model search: evolve a population of LoRA experts with the Best-Worst-Random algorithm (or, to compare with
+it, Model Swarms' PSO, CMA-ES or random search: --optimizer, optimizers.py).
 
     python search.py -n demo -e exact_match -d tiny_demo -g cpu \
         -i initial_experts/tiny/experts -b initial_experts/tiny/base_model
@@ -13,7 +14,7 @@ Search directory layout (search/<name>_<hostname>[_<time>]/):
     utility_scratchpad.json    best, worst, history, candidate_i, candidate_i_history (the published keys), worst_history
     state.json                 everything needed to resume (iteration, step length, rng state, counters)
     candidate_i/               current weights of population member i
-    global_best/ global_worst/ best weights ever found; worst member of the final population (--clean_up_on_end 0)
+    global_best/ global_worst/ best and worst weights ever evaluated (global_worst/ with --clean_up_on_end 0)
     final_metrics.json         the overall metrics at the end (ours and the published names)
     correctness_emergence.json per-item dev correctness of every candidate per iteration (--correctness_emergence 1)
     utility_curve.png          best, worst and every candidate over iterations
@@ -35,6 +36,7 @@ import uuid
 
 import bwr
 import merge
+import optimizers
 from workers import LocalPool, WorkerError, atomic_write_text, sync_filesystem
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -105,7 +107,19 @@ def build_parser():
     a("--seed", type=int, default=42, help="seed of every random draw of the search")
     a("--reset_mode", default="scaled_random", choices=["scaled_random", "bounds"],
       help="BWR reset branch: random * r3 (seed README) or uniform between population min and max (Rao)")
-    a("--greedy", type=int, default=1, choices=[0, 1], help="1: keep an update only if utility does not decrease")
+    a("--greedy", type=int, default=1, choices=[0, 1],
+      help="1: keep an update only if it scores strictly better (bwr, random; pso and cma_es always move)")
+    a("--optimizer", default="bwr", choices=list(optimizers.OPTIMIZERS),
+      help="bwr: the Best-Worst-Random rule; pso: Model Swarms' particle swarm; cma_es: CMA-ES; random: random "
+           "search (pso, cma_es and random search coefficient vectors over the initial experts)")
+    a("--max_evaluations", type=int, default=None,
+      help="stop after this many dev evaluations of candidates (the initial population's included; the final "
+           "and the starting test evaluations are not counted)")
+    a("--inertia", type=float, default=0.4, help="pso: weight of the particle's velocity (Model Swarms' default)")
+    a("--cognitive_coeff", type=float, default=0.3, help="pso: weight of the pull to the personal best")
+    a("--social_coeff", type=float, default=0.3, help="pso: weight of the pull to the global best")
+    a("--repel_coeff", type=float, default=0.3, help="pso: weight of the push away from the global worst")
+    a("--cma_sigma0", type=float, default=0.5, help="cma_es: initial standard deviation of the coefficients")
     a("--batch_size", type=int, default=None, help="generation batch size (default: 16 on GPU, 32 on CPU)")
     a("--mc_scoring", default="generate", choices=["generate", "logits"],
       help="multiple choice: parse generated answers, or pick the letter with the highest next-token logit")
@@ -146,6 +160,12 @@ NUMERIC_RULES = [  # (flag, test, what is valid)
     ("batch_size", lambda v: v is None or v >= 1, "an integer >= 1"),
     ("num_cpu_workers", lambda v: v >= 1, "an integer >= 1"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)"),
+    ("max_evaluations", lambda v: v is None or v >= 1, "an integer >= 1"),
+    ("inertia", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("cognitive_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("social_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("repel_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("cma_sigma0", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
 ]
 
 
@@ -214,6 +234,7 @@ def validate_args(args):
         raise UsageError(str(e)) from None
     if args.reset_mode == "bounds" and not args.fast_merge:
         raise UsageError("--reset_mode bounds needs adapter experts (--fast_merge 1)")
+    check_optimizer_args(args)
     import evaluate
     try:
         evaluate.check_credentials(args.eval_type)
@@ -234,6 +255,25 @@ def validate_args(args):
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
     args.wandb_resolved_mode, args.wandb_note = resolve_wandb_mode(args.wandb_mode)
+    size = population_size(args)
+    if args.max_evaluations is not None and args.max_evaluations < size:
+        raise UsageError(f"--max_evaluations {args.max_evaluations} is smaller than the initial population's {size} "
+                         f"evaluations: give at least {size}")
+
+
+def check_optimizer_args(args):
+    """Combinations an optimizer cannot honour are refused rather than silently ignored."""
+    if args.optimizer == "cma_es" and (args.dropK > 0 or args.dropN > 0):
+        raise UsageError("--dropK/--dropN skip evaluations, and CMA-ES needs every sample of a generation scored: "
+                         "use them with --optimizer bwr, pso or random")
+    if args.optimizer == "pso" and sum((args.inertia, args.cognitive_coeff, args.social_coeff, args.repel_coeff)) <= 0:
+        raise UsageError("--inertia, --cognitive_coeff, --social_coeff and --repel_coeff are all 0: pso needs one > 0")
+    if args.optimizer != "bwr" and args.reset_mode != "scaled_random":
+        raise UsageError(f"--reset_mode is a BWR setting; --optimizer {args.optimizer} has no reset branch")
+
+
+def population_size(args):
+    return max(args.initial_experts_num, len(args.experts)) if args.populate_initial_experts else len(args.experts)
 
 
 def find_experts(directory, fast_merge):
@@ -610,6 +650,7 @@ class Search:
         self.state = state
         self.pool = None
         self.wandb = None
+        self.optimizer = None  # optimizers.make(): set by initialise(), or restored from the state by run()
 
     # -- paths and helpers
     def cand(self, i):
@@ -704,22 +745,23 @@ class Search:
         a = self.args
         rng = bwr.make_rng(a.seed)
         experts = a.experts
-        size = max(a.initial_experts_num, len(experts)) if a.populate_initial_experts else len(experts)
+        size = population_size(a)
         recipes = [{"parents": [i], "weights": [1.0]} for i in range(len(experts))]
         while len(recipes) < size:
             first, second = rng.choice(len(experts), size=2, replace=False)
             w, w2 = bwr.crossover(rng)
             recipes.append({"parents": [int(first), int(second)], "weights": [float(w), float(w2)]})
         self.fresh_staging(0)
-        tasks = []
+        tasks, coefficients = [], []
         for i, recipe in enumerate(recipes):
             weights = [0.0] * len(experts)
             for parent, w in zip(recipe["parents"], recipe["weights"]):
                 weights[parent] += w
+            coefficients.append(weights)
             tasks.append({"op": "candidate", "name": f"candidate_{i}",
                           "sources": [[os.path.abspath(p), 0] for p in experts],
                           "update": {"kind": "combine", "weights": weights}, "split": "dev",
-                          "accept_if_at_least": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                          "accept_if_above": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
                           "cache_as": [self.cand(i), 0]})
             if len(recipe["parents"]) == 1:
                 # an initial expert is scored as it is: ties or dare would change even a lone expert of weight 1
@@ -744,7 +786,10 @@ class Search:
             "starting_best": {"candidate": start, "expert": os.path.basename(experts[start]),
                               "utility": expert_utilities[start]},
             "history": {"best": [], "worst": []}, "emergence": {},
+            "evaluations": len(results), "evaluations_history": [len(results)],
         }
+        # per-item dev scores of the starting best: the paired statistics of finish() compare against them
+        self.state["starting_best"]["dev_scores"] = (results[start].get("details") or {}).get("scores")
         if a.correctness_emergence:
             self.record_emergence(0, {i: r for i, r in enumerate(results)})
         # the initial population's per-item results, for the published starting_top-k_ensemble_* metrics
@@ -757,9 +802,14 @@ class Search:
         for i, result in zip(test_targets, test_results):
             candidates[i]["starting_test_utility"] = result["utility"]
             self.log(f"candidate_{i}: starting test utility {result['utility']:.4f}")
+            if i == start:
+                self.state["starting_best"]["test_scores"] = (result.get("details") or {}).get("scores")
         self.state["starting_best"]["test_utility"] = candidates[start]["starting_test_utility"]
         if a.starting_test_set_eval:
             self.state["starting_details"]["test"] = compact_details([r.get("details") for r in test_results])
+        self.optimizer = optimizers.make(a, len(experts))
+        self.optimizer.start(coefficients, [c["utility"] for c in candidates], rng)
+        self.state["optimizer"] = self.optimizer.state()
         moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(size)]
         moves += self.best_worst_moves(None)[0]
         self.state["rng"] = bwr.rng_state(rng)
@@ -768,9 +818,9 @@ class Search:
                  f" test {self.state['starting_best']['test_utility']:.4f}")
 
     def best_worst_moves(self, previous_best):
-        """Update best/worst in the state and return the folder move that records a new global best's weights.
-        global_worst/ is written once, by finish(): per iteration only accepted candidates and a new global best
-        reach the disk."""
+        """Update the global best and the global worst (the best and the worst ever, as the published loop keeps
+        them) and return the folder moves that record a new one's weights. history["worst"] is the population's
+        worst per iteration (the utility curve)."""
         s = self.state
         u = self.utilities()
         best = max(range(len(u)), key=lambda i: (u[i], -i))
@@ -778,11 +828,16 @@ class Search:
         moves = []
         improved = previous_best is None or u[best] > previous_best["utility"]
         if improved:
-            s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"]}
+            s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"],
+                         "version": s["candidates"][best]["version"]}
             staged = os.path.join(self.staging, "global_best")
             link_tree(self._current_weights(best), staged)
             moves.append([staged, os.path.join(self.dir, "global_best")])
-        s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
+        if previous_best is None or u[worst] < s["worst"]["utility"]:
+            s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
+            staged = os.path.join(self.staging, "global_worst")
+            link_tree(self._current_weights(worst), staged)
+            moves.append([staged, os.path.join(self.dir, "global_worst")])
         s["history"]["best"].append(s["best"]["utility"])
         s["history"]["worst"].append(u[worst])
         return moves, improved
@@ -803,27 +858,33 @@ class Search:
     def iterate(self):
         a, s = self.args, self.state
         t0 = time.perf_counter()
+        opt = self.optimizer
         rng = bwr.rng_from_state(s["rng"])
         k = s["iteration"] + 1
         n = len(s["candidates"])
-        u = self.utilities()
-        best = max(range(n), key=lambda i: (u[i], -i))
-        worst = min(range(n), key=lambda i: (u[i], i))
+        budget = None if a.max_evaluations is None else a.max_evaluations - s["evaluations"]
         skip_iteration = rng.random() < a.dropK if a.dropK > 0 else False
         self.fresh_staging(k)
+        # propose: one update per member, as coefficients over the population or over the initial experts
+        opt.begin(self.utilities(), s["step_length"], rng)
+        if opt.over == "population":
+            sources = [self.source(j) for j in range(n)]
+        else:
+            sources = [[os.path.abspath(p), 0] for p in a.experts]
         tasks, indices = [], []
         for i in range(n):
             skip = rng.random() < a.dropN if a.dropN > 0 else False
-            update = bwr.bwr_update(i, best, worst, n, s["step_length"], rng, a.reset_mode)
-            if skip or skip_iteration:
+            update = opt.propose(i, rng)
+            if skip or skip_iteration or (budget is not None and len(tasks) >= budget):
                 continue
-            threshold = s["candidates"][i]["utility"] if a.greedy else None
+            threshold = s["candidates"][i]["utility"] if opt.greedy else None
             if threshold is not None and math.isnan(threshold):
                 threshold = None
-            tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": [self.source(j) for j in range(n)],
-                          "update": update, "split": "dev", "accept_if_at_least": threshold,
+            tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": sources,
+                          "update": update, "split": "dev", "accept_if_above": threshold,
                           "save_to": os.path.join(self.staging, f"candidate_{i}"), "cache_as": [self.cand(i), k]})
             indices.append(i)
+        # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
         accepted, rejected_nan = 0, 0
         for i, result in zip(indices, results):
@@ -846,41 +907,46 @@ class Search:
             s["candidates"][i]["stale"] += 1
         if a.correctness_emergence:
             self.record_emergence(k, {i: r for i, r in zip(indices, results) if r["accepted"]})
+        opt.end({i: (r["utility"], bool(r["accepted"])) for i, r in zip(indices, results)})
 
         # restart stray candidates: no personal improvement for restart_patience * patience iterations
         restarted, restart_results = [], []
-        if a.restart_stray_candidates:
+        if a.restart_stray_candidates and opt.restarts:
             limit = max(1, int(round(a.restart_patience * a.patience)))
             current_best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
             stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
-            # a restart replaces a staged-but-unused update of the same candidate (removed before any source is
-            # named, so that no task reads a folder removed before it runs)
-            for i in stray:
-                if os.path.exists(os.path.join(self.staging, f"candidate_{i}")):
-                    self.trash.put(os.path.join(self.staging, f"candidate_{i}"))
-            sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
+            if budget is not None:  # the budget cuts restarts too (the strays past it are left as they are)
+                stray = stray[:max(budget - len(tasks), 0)]
+            restart_sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
             restart_tasks = []
             for i in stray:
-                partner = int(rng.integers(0, len(a.experts)))
-                w, w2 = bwr.crossover(rng)
-                # a fresh start near the global best: crossover of the best candidate and a random initial expert
-                weights = [0.0] * len(sources)
-                weights[current_best] += w
-                weights[n + partner] += w2
-                # a version of its own: a worker may hold this iteration's superseded update as version k
-                restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": sources,
+                # a fresh start near the population's best: crossover of the best candidate and a random expert
+                weights = opt.restart(i, current_best, n, len(a.experts), rng)
+                # kept only if it scores strictly better than the candidate it would replace (the published loop
+                # compares a restart with the original like any update): a restart never erases a better record.
+                # Staged beside this iteration's update, which it replaces only once accepted; a version of its own:
+                # a worker may hold that update as version k
+                old = s["candidates"][i]["utility"]
+                restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": restart_sources,
                                       "update": {"kind": "combine", "weights": weights}, "split": "dev",
-                                      "accept_if_at_least": None,
-                                      "save_to": os.path.join(self.staging, f"candidate_{i}"),
+                                      "accept_if_above": None if math.isnan(old) else old,
+                                      "save_to": os.path.join(self.staging, f"candidate_{i}.restart"),
                                       "cache_as": [self.cand(i), k + 0.5]})
             if restart_tasks:
                 restart_results = self.run_tasks(restart_tasks, f"iteration {k} restarts")
                 for i, result in zip(stray, restart_results):
                     c = s["candidates"][i]
                     if result["accepted"]:
+                        staged = os.path.join(self.staging, f"candidate_{i}")
+                        if os.path.exists(staged):
+                            self.trash.put(staged)
+                        os.replace(staged + ".restart", staged)
                         c.update(utility=result["utility"], version=k + 0.5, stale=0)
                         restarted.append(i)
                         self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
+                    else:
+                        self.log(f"candidate_{i}: restart scored {result['utility']:.4f}, not above its "
+                                 f"{c['utility']:.4f}: not kept")
                 if a.correctness_emergence:
                     self.record_emergence(k, {i: r for i, r in zip(stray, restart_results) if r["accepted"]})
         for c in s["candidates"]:
@@ -894,6 +960,10 @@ class Search:
         s["no_improvement"] = 0 if improved else s["no_improvement"] + 1
         s["step_length"] = max(s["step_length"] * a.step_length_factor, a.minimum_step_length)
         s["rng"] = bwr.rng_state(rng)
+        s["optimizer"] = opt.state()
+        evaluations = len(results) + len(restart_results)
+        s["evaluations"] += evaluations
+        s["evaluations_history"].append(evaluations)
         # the profile covers the whole iteration, restarts and commit included; the entry the commit persists lacks
         # the commit's own seconds, so it is completed in place afterwards (and persisted by the next commit)
         evaluated = results + restart_results
@@ -905,7 +975,8 @@ class Search:
         self.log(f"iteration {k}: best {s['best']['utility']:.4f} (candidate_{s['best']['candidate']}) "
                  f"worst {s['worst']['utility']:.4f} | accepted {accepted}/{len(indices)}"
                  + (f", skipped {len(skipped)}" if skipped else "") + (f", restarted {len(restarted)}" if restarted else "")
-                 + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}")
+                 + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}"
+                 + f" | {evaluations} evaluations ({s['evaluations']} in all)")
         self.log("profile: " + " ".join(f"{key} {value:.3f}s" for key, value in profile.items()))
         if self.wandb is not None:
             self.wandb.log({"best": s["best"]["utility"], "worst": s["worst"]["utility"],
@@ -930,15 +1001,8 @@ class Search:
         a, s = self.args, self.state
         n = len(s["candidates"])
         if a.clean_up_on_end:
-            # the published clean-up removes worst/: it is not written at all (a resumed finish removes it)
+            # the published clean-up removes worst/ (global_worst/, kept up to date by every commit)
             shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
-        else:
-            # global_worst/: written once, here, rather than after every iteration (before the evaluations below
-            # add golds_preds_*.json to the candidate folders; a resumed finish() leaves those out as well)
-            staged = os.path.join(self.dir, ".global_worst.new")
-            shutil.rmtree(staged, ignore_errors=True)
-            link_tree(self.cand(s["worst"]["candidate"]), staged, ignore=shutil.ignore_patterns("golds_preds_*"))
-            apply_moves([[staged, os.path.join(self.dir, "global_worst")]])
         self.log("final evaluation of every candidate and the global best on the test and dev sets")
         tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": split,
                   "details_to": os.path.join(self.cand(i), f"golds_preds_{split}.json")}
@@ -959,8 +1023,21 @@ class Search:
             "ending_best_validation_utility_reevaluated": best_dev["utility"],
             "starting_best_expert": s["starting_best"]["expert"],
             "ending_best_candidate": f"candidate_{s['best']['candidate']}",
+            "ending_best_origin": best_origin(s),
             "iterations": s["iteration"],
+            "optimizer": a.optimizer,
+            "dev_evaluations": s["evaluations"],
         }
+        # the gain of the ending global best over the starting best, paired item by item
+        start = s["starting_best"]
+        for split, before, result in (("test", start.get("test_scores"), best_test),
+                                      ("dev", start.get("dev_scores"), best_dev)):
+            gain = paired_gain(before, (result.get("details") or {}).get("scores"),
+                               start["test_utility" if split == "test" else "utility"], result["utility"])
+            if gain is not None:
+                metrics[f"{split}_gain_over_starting_best"] = gain["gain"]
+                metrics[f"{split}_gain_paired_se"] = gain["se"]
+                metrics[f"{split}_gain_items"] = gain["items"]
         metrics.update(ensembles([r.get("details") for r in test], [c["utility"] for c in s["candidates"]],
                                  a.eval_type))
         for i, r in enumerate(test):
@@ -978,6 +1055,16 @@ class Search:
         for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
                     "ending_best_validation_utility", "ending_best_single_test_accuracy"):
             self.log(f"{key}: {metrics[key]:.4f}")
+        for split in ("test", "dev"):
+            if f"{split}_gain_over_starting_best" in metrics:
+                self.log(f"{split} gain of the ending best over the starting best: "
+                         f"{metrics[f'{split}_gain_over_starting_best']:+.4f} ± "
+                         f"{metrics[f'{split}_gain_paired_se']:.4f} (paired SE, "
+                         f"{metrics[f'{split}_gain_items']} items)")
+            else:
+                self.log(f"{split} gain: no paired statistics (this objective's utility is not a mean of "
+                         f"per-item scores)")
+        self.log(f"dev evaluations: {s['evaluations']} ({a.optimizer})")
         for key, value in metrics.items():
             if (key.startswith("top") and "ensemble" in key) or key.startswith("ending_best_single_dev_") or \
                     (key.startswith("ending_best_single_test_") and key != "ending_best_single_test_accuracy"):
@@ -1011,13 +1098,19 @@ class Search:
         self.start_wandb()
         if self.state is None:
             self.initialise()
+        else:
+            self.optimizer = optimizers.make(a, len(a.experts), self.state.get("optimizer"))
         while self.state["stage"] == "search":
             s = self.state
             if s["iteration"] >= a.max_iteration:
                 self.log(f"reached --max_iteration {a.max_iteration}")
                 s["stage"] = "final"
-            elif s["no_improvement"] >= a.patience:
-                self.log(f"no new global best for {a.patience} iterations (--patience): stopping")
+            elif patience_exhausted(s["history"]["best"], a.patience):
+                self.log(f"the global best did not change over the last {a.patience} entries of its history "
+                         f"(--patience): stopping")
+                s["stage"] = "final"
+            elif a.max_evaluations is not None and s["evaluations"] >= a.max_evaluations:
+                self.log(f"reached --max_evaluations {a.max_evaluations} ({s['evaluations']} dev evaluations)")
                 s["stage"] = "final"
             else:
                 self.iterate()
@@ -1199,6 +1292,42 @@ def published_metrics(state, eval_type, test_details, dev_details, best_dev, bes
         "ending_top-k_ensemble_dev_accuracy": population_ensemble(compact_details(dev_details), eval_type),
     }
     return test, dev
+def patience_exhausted(best_history, patience):
+    """The published loop's stopping rule: before an iteration, stop when the global best's history (entry 0: the
+    initial population, then one entry per iteration) has more than `patience` entries and its last `patience`
+    are equal. That is `patience - 1` iterations without a new global best after one that found one, and
+    `patience` iterations when none has since the start."""
+    return len(best_history) > patience and len(set(best_history[-patience:])) == 1
+
+
+def best_origin(state):
+    """Where the global best came from: its candidate and iteration, and whether that candidate has moved since
+    (its weights as they were are in global_best/)."""
+    best = state["best"]
+    text = f"candidate_{best['candidate']} at iteration {best['iteration']}"
+    now = state["candidates"][best["candidate"]]
+    if "version" in best and now["version"] != best["version"]:
+        text += f" (candidate_{best['candidate']} has moved since: dev {now['utility']:.4f} now; global_best/ " \
+                f"holds the weights found then)"
+    return text
+
+
+def paired_gain(before, after, utility_before=None, utility_after=None):
+    """Mean per-item difference after - before and its paired standard error std(differences, ddof=1)/sqrt(n).
+
+    None when there are no per-item scores, their counts differ, or (when the utilities are given) a utility is
+    not the mean of its per-item scores (the harmonic mean of a multitask domain is not): the gain would then not
+    be the utility's."""
+    if not before or not after or len(before) != len(after) or len(before) < 2:
+        return None
+    for scores, utility in ((before, utility_before), (after, utility_after)):
+        if utility is not None and not math.isclose(sum(scores) / len(scores), utility, rel_tol=1e-9, abs_tol=1e-9):
+            return None
+    diffs = [float(b) - float(a) for a, b in zip(before, after)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return {"gain": mean, "se": math.sqrt(var / n), "items": n}
 
 
 def ensembles(details, dev_utilities, eval_type):

@@ -14,11 +14,11 @@ The interface another executor implements (see RayPool) is small:
 A task is a plain dict (so it crosses process and machine boundaries unchanged):
 
     {"op": "candidate", "sources": [[path, version], ...], "update": {...bwr.apply_update update...},
-     "split": "dev", "accept_if_at_least": float | None, "save_to": path | None}
+     "split": "dev", "accept_if_above": float | None, "save_to": path | None}
         build a candidate from population members, evaluate it, and write it to save_to only if it is accepted
         (a source [path, version, read_from] is that version of path, on disk in read_from until it is committed)
-        (utility >= accept_if_at_least, or unconditionally when that is None). save_to is written without fsync:
-        the caller makes it durable (search.py syncs its staging folder before it commits).
+        (bwr.accept: utility > accept_if_above, or any non-NaN utility when that is None). save_to is written
+        without fsync: the caller makes it durable (search.py syncs its staging folder before it commits).
     {"op": "evaluate", "path": path, "version": v, "split": "dev" | "test", "details_to": path | None}
         evaluate a saved candidate; write per-item results as JSON to details_to.
 
@@ -135,8 +135,8 @@ class TaskRunner:
                                                 task.get("split", "dev"))
         timing.update(_eval_timing(details, seconds))
         projection = project(model) if self.config.get("to_visualize") and isinstance(model, dict) else None
-        threshold = task.get("accept_if_at_least")
-        accepted = not math.isnan(utility) and (threshold is None or utility >= threshold)
+        threshold = task.get("accept_if_above")
+        accepted = bwr.accept(math.nan if threshold is None else threshold, utility, greedy=threshold is not None)
         start = time.perf_counter()
         if accepted and task.get("save_to"):
             if isinstance(model, dict):

@@ -202,7 +202,7 @@ def main():
         def task(i):
             update = bwr.bwr_update(i, 0, n - 1, n, 1.0, rng)
             return {"op": "candidate", "name": f"candidate_{i}", "sources": [[p, 0] for p in adapters],
-                    "update": update, "split": "dev", "accept_if_at_least": None, "save_to": None}
+                    "update": update, "split": "dev", "accept_if_above": None, "save_to": None}
 
         runner.run(task(0))  # warm-up: reads the adapters, builds the LoRA slot, first kernels
         walls, parts = [], []

@@ -158,7 +158,9 @@ def test_rng_state_round_trip_reproduces_future_draws():
 
 
 def test_accept():
-    assert accept(0.5, 0.5, True) and accept(0.5, 0.6, True) and not accept(0.5, 0.4, True)
+    # strictly better, as the published loop: an equal score keeps the current model
+    assert not accept(0.5, 0.5, True) and accept(0.5, 0.6, True) and not accept(0.5, 0.4, True)
+    assert accept(0.5, 0.5, False)
     assert accept(0.5, 0.4, False)
     assert not accept(0.5, math.nan, True) and not accept(0.5, math.nan, False)
     assert accept(math.nan, 0.1, True)

@@ -134,3 +134,11 @@ import ray
     # initialisation and final evaluation only: every kind of task, on local workers
     run_search(tmp_path / "local", "-m", "0", "--num_cpu_workers", "2", env=env)
     assert os.path.exists(os.path.join(only_dir(tmp_path / "local"), "final_metrics.json"))
+
+
+def test_ray_backend_matches_local_backend_for_pso(tiny, data, tmp_path):
+    """A non-BWR optimizer (candidates merged from the initial experts) on Ray: the same bytes as locally."""
+    args = (*SEARCH, "--optimizer", "pso")
+    run_search(tmp_path / "local", *args)
+    run_search(tmp_path / "ray", *args, *RAY, env=RAY_ENV)
+    assert outputs(only_dir(tmp_path / "ray")) == outputs(only_dir(tmp_path / "local"))

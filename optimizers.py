@@ -1,0 +1,269 @@
+"""The optimizers search.py can run (--optimizer): each one small class behind one interface.
+
+Every optimizer works on the same population (candidate_0 .. candidate_{n-1}), the same workers, merge methods,
+objectives and outputs. An iteration is: propose one update per member -> the workers merge and evaluate them ->
+accept -> (BWR only) restart stray members -> commit. What an optimizer decides is the update each member gets
+and whether the member keeps it; search.py does everything else.
+
+Two representations of a proposal (an update dict as bwr.apply_update takes it):
+  over = "population"  coefficients over the current members (BWR: its rule is written in terms of the
+                       population's best, worst and a random member), or BWR's "bounds" reset
+  over = "experts"     coefficients over the initial experts: a candidate is always the merge
+                       sum_j c_j * expert_j (PSO, CMA-ES, random search). With --merge_method weighted_average
+                       (merging LoRA factors linearly) every BWR candidate is such a merge too; the other
+                       optimizers search the coefficient vector directly.
+
+The interface (state() must hold everything from_state() needs; it goes into state.json):
+    start(coefficients, utilities, rng)   after the initial evaluation; coefficients: each member's vector over
+                                          the experts (one-hot for an expert, two entries for a crossover child)
+    begin(utilities, step_length, rng)    once per iteration, before the proposals
+    propose(i, rng) -> update             member i's update for this iteration
+    end(outcomes)                         {member: (utility, accepted)} of the members evaluated this iteration
+    restart(i, best, n_members, n_experts, rng) -> weights over members + experts  (restarts = True only)
+    state() -> dict ; from_state(args, n_experts, state)
+
+Draws come from the search's numpy Generator in a fixed order (the search's own state is restored bit for bit
+on resume). CMA-ES keeps its own state; it is restored by replaying its recorded generations (ask, tell the
+recorded utilities) from its seed, which gives back the identical internal state on the same machine.
+"""
+
+import math
+
+import numpy as np
+
+import bwr
+
+
+class Optimizer:
+    name = None
+    over = "population"
+    greedy = False     # keep an update only if it scores strictly better than the member's current utility
+    restarts = False   # search.py restarts stray members with restart()
+
+    def start(self, coefficients, utilities, rng):
+        pass
+
+    def begin(self, utilities, step_length, rng):
+        pass
+
+    def propose(self, i, rng):
+        raise NotImplementedError
+
+    def end(self, outcomes):
+        pass
+
+    def state(self):
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BWR: the seed README's rule (bwr.py), over the population
+
+class BWR(Optimizer):
+    """Best-Worst-Random (bwr.bwr_update): best and worst are the current population's (seed README: "identify the
+    best and worst models" among the evaluated candidates). Greedy by default (--greedy); stray members restarted
+    by search.py as a crossover of the population's best and a random initial expert."""
+    name = "bwr"
+    restarts = True
+
+    def __init__(self, args, n_experts, state=None):
+        self.greedy = bool(args.greedy)
+        self.reset_mode = args.reset_mode
+        self.best = self.worst = self.n = self.step = None
+
+    def begin(self, utilities, step_length, rng):
+        self.n = len(utilities)
+        self.best = max(range(self.n), key=lambda i: (utilities[i], -i))
+        self.worst = min(range(self.n), key=lambda i: (utilities[i], i))
+        self.step = step_length
+
+    def propose(self, i, rng):
+        return bwr.bwr_update(i, self.best, self.worst, self.n, self.step, rng, self.reset_mode)
+
+    def restart(self, i, best, n_members, n_experts, rng):
+        partner = int(rng.integers(0, n_experts))
+        w, w2 = bwr.crossover(rng)
+        weights = [0.0] * (n_members + n_experts)
+        weights[best] += w
+        weights[n_members + partner] += w2
+        return weights
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PSO as in Model Swarms (Feng et al., 2024), over the experts' coefficient vector
+
+class PSO(Optimizer):
+    """Model Swarms' particle update, with its published defaults (inertia 0.4, cognitive 0.3, social 0.3,
+    repel 0.3, random weights, a random starting velocity towards another particle, step length 1 decaying by
+    0.95 to at least 0.1, stray particles restarted at their personal best with zero velocity):
+
+        r_v, r_p, r_g, r_w ~ U(0, 1);  a = inertia*r_v, b = cognitive*r_p, c = social*r_g, d = repel*r_w
+        v <- (a*v + b*(p - x) + c*(g - x) + d*(x - g_worst)) / (a + b + c + d)
+        x <- x + step_length * v
+
+    p: the particle's personal best, g: the global best, g_worst: the global worst ever (as Model Swarms).
+    Particles always move (--greedy does not apply); a particle whose merge is not finite stays where it was,
+    with zero velocity. A particle is restarted (x <- p, v <- 0, then updated) when its personal best is
+    restart_patience * patience history entries old, Model Swarms' rule."""
+    name = "pso"
+    over = "experts"
+
+    def __init__(self, args, n_experts, state=None):
+        self.weights = (args.inertia, args.cognitive_coeff, args.social_coeff, args.repel_coeff)
+        self.restart_after = args.restart_patience * args.patience if args.restart_stray_candidates else None
+        self.s = state or {}
+        self.pending = {}
+
+    def start(self, coefficients, utilities, rng):
+        n = len(coefficients)
+        x = [list(map(float, c)) for c in coefficients]
+        v = []
+        for i in range(n):  # Model Swarms' "random" starting velocity: towards another random particle
+            k = int(rng.integers(0, n - 1))
+            j = k if k < i else k + 1
+            v.append([b - a for a, b in zip(x[i], x[j])])
+        self.s = {"x": x, "v": v, "p": [list(c) for c in x], "p_utility": list(map(float, utilities)),
+                  "p_age": [0] * n}
+        self._global(list(range(n)), x, utilities)
+
+    def _global(self, members, positions, utilities):
+        """Global best and global worst ever (strictly better / worse replaces; ties keep the earlier one)."""
+        s = self.s
+        for i, pos, u in zip(members, positions, utilities):
+            if math.isnan(u):
+                continue
+            if "g" not in s or u > s["g_utility"]:
+                s["g"], s["g_utility"] = list(pos), float(u)
+            if "g_worst" not in s or u < s["g_worst_utility"]:
+                s["g_worst"], s["g_worst_utility"] = list(pos), float(u)
+
+    def begin(self, utilities, step_length, rng):
+        self.step = step_length
+        self.pending = {}
+
+    def propose(self, i, rng):
+        s = self.s
+        x, v = s["x"][i], s["v"][i]
+        if self.restart_after is not None and s["p_age"][i] + 1 >= self.restart_after:
+            x, v = s["p"][i], [0.0] * len(x)
+        r = rng.random(4)
+        a, b, c, d = (float(w * ri) for w, ri in zip(self.weights, r))
+        total = a + b + c + d
+        new_v = [(a * vj + b * (pj - xj) + c * (gj - xj) + d * (xj - wj)) / total
+                 for vj, xj, pj, gj, wj in zip(v, x, s["p"][i], s["g"], s["g_worst"])]
+        new_x = [xj + self.step * vj for xj, vj in zip(x, new_v)]
+        self.pending[i] = (new_x, new_v)
+        return {"kind": "combine", "weights": new_x, "seed": int(rng.integers(0, 2**63 - 1))}
+
+    def end(self, outcomes):
+        s = self.s
+        moved = []
+        for i in range(len(s["x"])):
+            if i not in outcomes:
+                s["p_age"][i] += 1  # skipped (--dropN/--dropK) or cut by --max_evaluations: stays where it was
+                continue
+            utility, accepted = outcomes[i]
+            if not accepted:  # not finite: it stays, without momentum
+                s["v"][i] = [0.0] * len(s["v"][i])
+                s["p_age"][i] += 1
+                continue
+            s["x"][i], s["v"][i] = self.pending[i]
+            if utility > s["p_utility"][i]:
+                s["p"][i], s["p_utility"][i], s["p_age"][i] = list(s["x"][i]), float(utility), 0
+            else:
+                s["p_age"][i] += 1
+            moved.append(i)
+        self._global(moved, [s["x"][i] for i in moved], [outcomes[i][0] for i in moved])
+
+    def state(self):
+        return self.s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CMA-ES over the experts' coefficient vector (the cma package)
+
+class CMAES(Optimizer):
+    """CMA-ES (Hansen's cma package) on the coefficient vector, population size = the search's population, mean
+    started at the best initial member's coefficients (one-hot on the best expert), initial sigma --cma_sigma0.
+    Each iteration asks one generation (candidate_i is its i-th sample) and tells it the dev utilities (negated:
+    cma minimises; a sample whose merge is not finite counts as the worst of its generation). Its normal draws
+    come from a Generator of its own, seeded from --seed, so its state is its seed plus the told utilities."""
+    name = "cma_es"
+    over = "experts"
+
+    def __init__(self, args, n_experts, state=None):
+        self.sigma0 = args.cma_sigma0
+        self.s = state or {}
+        self.es = None
+        self.asked = None
+        if state:
+            self._replay()
+
+    def _new(self):
+        import cma
+        gen = np.random.Generator(np.random.PCG64(self.s["seed"]))
+        opts = {"popsize": self.s["popsize"], "randn": lambda lam, n: gen.standard_normal((lam, n)),
+                "seed": np.nan, "verbose": -9, "verb_disp": 0, "verb_log": 0}
+        return cma.CMAEvolutionStrategy(np.asarray(self.s["x0"], dtype=float), self.s["sigma0"], opts)
+
+    def _replay(self):
+        self.es = self._new()
+        for fitness in self.s["told"]:
+            self.es.tell(self.es.ask(), fitness)
+
+    def start(self, coefficients, utilities, rng):
+        best = max(range(len(utilities)), key=lambda i: (utilities[i], -i))
+        self.s = {"seed": int(rng.integers(0, 2**63 - 1)), "popsize": len(coefficients),
+                  "x0": list(map(float, coefficients[best])), "sigma0": float(self.sigma0), "told": []}
+        self._replay()
+
+    def begin(self, utilities, step_length, rng):
+        self.asked = self.es.ask()
+
+    def propose(self, i, rng):
+        return {"kind": "combine", "weights": [float(c) for c in self.asked[i]],
+                "seed": int(rng.integers(0, 2**63 - 1))}
+
+    def end(self, outcomes):
+        if len(outcomes) < len(self.asked):
+            return  # a generation cut short by --max_evaluations: the search stops here, nothing to tell
+        utilities = [outcomes[i][0] for i in range(len(self.asked))]
+        finite = [u for u in utilities if not math.isnan(u)]
+        floor = (min(finite) if finite else 0.0) - 1.0
+        fitness = [-(floor if math.isnan(u) else u) for u in utilities]
+        self.es.tell(self.asked, fitness)
+        self.s["told"].append(fitness)
+
+    def state(self):
+        return self.s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random search over the experts' coefficient vector
+
+class RandomSearch(Optimizer):
+    """Each member draws a fresh coefficient vector every iteration: a direction uniform on the simplex
+    (Dirichlet(1, ..., 1)) times a total weight uniform in [0, 2] (so the weights sum to 1 on average, as a
+    weighted average, with up to 2x extrapolation of the total, as BWR's crossover draws w in [0, 2]). Greedy by
+    default (--greedy): a member keeps the better of its current and new vector."""
+    name = "random"
+    over = "experts"
+
+    def __init__(self, args, n_experts, state=None):
+        self.greedy = bool(args.greedy)
+        self.n_experts = n_experts
+
+    def propose(self, i, rng):
+        direction = rng.dirichlet(np.ones(self.n_experts))
+        total = float(rng.uniform(0.0, 2.0))
+        return {"kind": "combine", "weights": [float(total * d) for d in direction],
+                "seed": int(rng.integers(0, 2**63 - 1))}
+
+
+CLASSES = {cls.name: cls for cls in (BWR, PSO, CMAES, RandomSearch)}
+OPTIMIZERS = tuple(CLASSES)  # --optimizer's choices
+
+
+def make(args, n_experts, state=None):
+    """The optimizer named by args.optimizer, fresh (state None) or restored from its state()."""
+    return CLASSES[args.optimizer](args, n_experts, state)

@@ -1,0 +1,193 @@
+"""The search loop against the published one (issue 15 defects 3 and 8), the optimizers behind --optimizer, the
+evaluation budget and the paired statistics: real subprocess searches on the tiny population."""
+import json
+import math
+import os
+import statistics
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from test_search import only_dir, run_search
+
+
+def read(directory, name):
+    with open(os.path.join(directory, name)) as f:
+        return json.load(f)
+
+
+# --- defect 8: patience, equal-score acceptance, global worst -----------------------------------------------------
+
+def test_patience_follows_the_published_loop(tiny, data, tmp_path):
+    """The published loop stops before an iteration when the best's history has more than p entries and its last p
+    are equal: with -p 1 that is after the first iteration, whatever it found (seed 7 finds a new best in it)."""
+    run_search(tmp_path, "-m", "4", "-p", "1")
+    state = read(only_dir(tmp_path), "state.json")
+    assert state["iteration"] == 1
+    assert state["history"]["best"][1] > state["history"]["best"][0]  # the run this test relies on
+
+
+def test_equal_score_keeps_the_current_model(tiny, data):
+    """A worker keeps an update only if it scores strictly above accept_if_above: the same model re-proposed at
+    its own utility is not accepted (it was, with >=)."""
+    import evaluate
+    from workers import TaskRunner
+    expert = sorted(os.listdir(tiny.experts))[0]
+    runner = TaskRunner("cpu", {"base_model": str(tiny.base), "eval_type": "exact_match", "dataset": "tiny_demo",
+                                "evaluate_options": {"data_dir": str(data)}, "torch_threads": 1})
+    task = {"op": "candidate", "sources": [[str(tiny.experts / expert), 0]], "split": "dev",
+            "update": {"kind": "combine", "weights": [1.0]}, "accept_if_above": None, "save_to": None}
+    first = runner.run(task)
+    assert first["accepted"]
+    again = runner.run({**task, "accept_if_above": first["utility"]})
+    assert again["utility"] == first["utility"] and not again["accepted"]
+    assert runner.run({**task, "accept_if_above": first["utility"] - 0.01})["accepted"]
+    evaluate.configure(reset=True)
+
+
+def test_global_worst_is_the_worst_ever(tiny, data, tmp_path):
+    """The scratchpad's worst and global_worst/ are the worst candidate ever seen (published: a new worst replaces
+    it only if lower), not the final population's worst (seed 7's worst initial expert improves in iteration 1)."""
+    run_search(tmp_path, "-m", "1", "-p", "9")
+    directory = only_dir(tmp_path)
+    pad, state = read(directory, "utility_scratchpad.json"), read(directory, "state.json")
+    every = [u for i in range(10) for u in pad[f"candidate_{i}_history"]]
+    assert pad["worst"] == min(every) == state["worst"]["utility"]
+    assert min(state["history"]["worst"]) == min(every)
+    final_worst = min(pad[f"candidate_{i}"] for i in range(10))
+    assert final_worst > pad["worst"]  # the run this test relies on: the final population's worst is higher
+
+
+# --- defect 3: restarts -------------------------------------------------------------------------------------------
+
+def test_restart_never_erases_a_better_record(tiny, data, tmp_path):
+    """Restarts run after one iteration without improvement (restart_patience * patience = 1); a restart is kept
+    only if it scores strictly better, so under greedy acceptance no candidate's history ever goes down, and the
+    global best's origin is named with its iteration."""
+    run_search(tmp_path, "-m", "3", "-p", "9", "--restart_patience", "0.1")
+    directory = only_dir(tmp_path)
+    pad, metrics = read(directory, "utility_scratchpad.json"), read(directory, "final_metrics.json")
+    log = open(os.path.join(directory, "log.txt")).read()
+    for i in range(10):
+        history = pad[f"candidate_{i}_history"]
+        assert all(b >= a for a, b in zip(history, history[1:])), (i, history)
+    assert "not kept" in log  # the run this test relies on: some restart scored lower
+    state = read(directory, "state.json")
+    assert metrics["ending_best_origin"].startswith(
+        f"candidate_{state['best']['candidate']} at iteration {state['best']['iteration']}")
+    assert metrics["ending_best_validation_utility_reevaluated"] == metrics["ending_best_validation_utility"]
+
+
+def test_moved_best_is_named_with_its_iteration(tiny, data, tmp_path):
+    """With --greedy 0 the candidate that found the global best moves on; final_metrics.json says so, and the
+    global best's record (dev utility, weights in global_best/) stays that of the model found then."""
+    run_search(tmp_path, "-m", "3", "-p", "9", "--greedy", "0", "--restart_stray_candidates", "0")
+    directory = only_dir(tmp_path)
+    metrics, state = read(directory, "final_metrics.json"), read(directory, "state.json")
+    best = state["best"]
+    assert metrics["ending_best_origin"].startswith(f"candidate_{best['candidate']} at iteration {best['iteration']}")
+    moved = state["candidates"][best["candidate"]]["version"] != best["version"]
+    assert ("has moved since" in metrics["ending_best_origin"]) == moved
+    assert metrics["ending_best_validation_utility_reevaluated"] == best["utility"]
+
+
+# --- optimizers, budget, resume ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["pso", "cma_es", "random"])
+def test_optimizer_runs_end_to_end_within_its_budget(optimizer, tiny, data, tmp_path):
+    run_search(tmp_path, "-m", "9", "-p", "9", "--optimizer", optimizer, "--max_evaluations", "25")
+    directory = only_dir(tmp_path)
+    metrics, state = read(directory, "final_metrics.json"), read(directory, "state.json")
+    assert metrics["optimizer"] == optimizer
+    # 10 initial evaluations, 10 in iteration 1, the budget's last 5 in iteration 2: stopped exactly on it
+    assert metrics["dev_evaluations"] == 25 and state["evaluations_history"] == [10, 10, 5]
+    assert state["iteration"] == 2
+    assert "reached --max_evaluations 25" in open(os.path.join(directory, "log.txt")).read()
+    pad = read(directory, "utility_scratchpad.json")
+    assert pad["best"] == max(u for i in range(10) for u in pad[f"candidate_{i}_history"])
+    for key in ("test_gain_over_starting_best", "test_gain_paired_se", "dev_gain_over_starting_best"):
+        assert key in metrics
+    assert os.path.exists(os.path.join(directory, "global_best", "adapter_model.safetensors"))
+
+
+def test_budget_counts_bwr_restarts_and_stops_exactly(tiny, data, tmp_path):
+    run_search(tmp_path, "-m", "9", "-p", "9", "--restart_patience", "0.1", "--max_evaluations", "33")
+    directory = only_dir(tmp_path)
+    state = read(directory, "state.json")
+    assert state["evaluations"] == sum(state["evaluations_history"]) == 33
+    assert any(count > 10 for count in state["evaluations_history"][1:])  # restarts are counted
+
+
+def test_max_evaluations_below_the_initial_population_is_refused(tiny, data, tmp_path):
+    proc = run_search(tmp_path, "--max_evaluations", "5", check=False)
+    assert proc.returncode == 2 and "at least 10" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not os.listdir(tmp_path)
+
+
+def test_paired_gain_on_a_constructed_example():
+    from search import paired_gain
+    before = [1, 0, 0, 1, 1, 0]
+    after = [1, 1, 0, 1, 0, 1]
+    diffs = [0, 1, 0, 0, -1, 1]
+    out = paired_gain(before, after)
+    assert out["items"] == 6 and math.isclose(out["gain"], 1 / 6)
+    assert math.isclose(out["se"], statistics.stdev(diffs) / math.sqrt(6))
+    assert paired_gain(before, after, 0.5, 4 / 6) is not None
+    assert paired_gain(before, after, 0.5, 0.9) is None  # a utility that is not the mean of its scores
+    assert paired_gain(before, after[:5]) is None and paired_gain(None, after) is None
+
+
+def test_paired_statistics_match_the_per_item_files(tiny, data, tmp_path):
+    run_search(tmp_path, "-m", "1", "-p", "5")
+    directory = only_dir(tmp_path)
+    metrics, state = read(directory, "final_metrics.json"), read(directory, "state.json")
+    after = read(os.path.join(directory, "global_best"), "golds_preds_test.json")["scores"]
+    before = state["starting_best"]["test_scores"]
+    diffs = [b - a for a, b in zip(before, after)]
+    assert math.isclose(metrics["test_gain_over_starting_best"], statistics.mean(diffs), abs_tol=1e-12)
+    assert math.isclose(metrics["test_gain_paired_se"], statistics.stdev(diffs) / math.sqrt(len(diffs)))
+    assert math.isclose(metrics["test_gain_over_starting_best"], metrics["ending_best_single_test_accuracy"]
+                        - metrics["starting_best_single_test_accuracy"], abs_tol=1e-9)
+    log = open(os.path.join(directory, "log.txt")).read()
+    assert "test gain of the ending best over the starting best" in log and "paired SE" in log
+
+
+@pytest.mark.parametrize("optimizer,point", [("pso", "evaluation:15"), ("cma_es", "move:15"),
+                                             ("random", "before_commit:2")])
+def test_sigkill_then_resume_is_bit_for_bit_for_each_optimizer(optimizer, point, tiny, data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    args = ("-m", "2", "-p", "5", "--optimizer", optimizer)
+    run_search(tmp_path / "reference", *args)
+    proc = run_search(tmp_path / "killed", *args, env={"BWR_CRASH_AT": point}, check=False)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    directory = only_dir(tmp_path / "killed")
+    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
+                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = only_dir(tmp_path / "reference")
+    assert read(reference, "utility_scratchpad.json") == read(directory, "utility_scratchpad.json")
+    assert read(reference, "state.json")["optimizer"] == read(directory, "state.json")["optimizer"]
+    wa = load_file(os.path.join(reference, "global_best", "adapter_model.safetensors"))
+    wb = load_file(os.path.join(directory, "global_best", "adapter_model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, "benchmarks/compare_optimizers.py", "--budget", "11", "--seeds", "1",
+                           "--optimizers", "bwr", "cma=cma_es --cma_sigma0 0.3", "--output_root", str(tmp_path),
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "WANDB_MODE": "disabled"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["optimizer"], r["seed"], r["dev_evaluations"]) for r in rows] == [("bwr", 1, 11), ("cma", 1, 11)]
+    assert read(rows[1]["directory"], "args.json")["cma_sigma0"] == 0.3
+    for r in rows:
+        line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{r['optimizer']} "))
+        assert f"{r['test_gain_over_starting_best']:+.3f} ± {r['test_gain_paired_se']:.3f}" in line
