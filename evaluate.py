@@ -10,26 +10,20 @@ every candidate is swapped into it in place. A candidate (`model_path`) is one o
     - a full-model folder (--fast_merge 0): its safetensors are copied into the resident model's tensors,
     - None: the base model itself.
 
-`evaluate()` scores the dev split and `evaluate_test()` the test split. They are kept separate on purpose, so a
-test-time protocol can differ from the one that drives the search.
+`evaluate()` scores the dev split and `evaluate_test()` the test split (the seed's two public functions); both
+call `evaluate_split()`, which returns (utility, details) and is what the search's workers use. `score()` holds one
+`if eval_type == ...` branch per evaluation type, each returning a `Scored` (utility and per-item results).
 
 Adding your evaluation
 ----------------------
-Both `evaluate()` and `evaluate_test()` are a chain of `if eval_type == ...` branches. Add your own branch to both,
-e.g. to score the fraction of outputs that mention the gold keyword:
-
-    elif eval_type == "my_eval":
-        items = json.load(open(os.path.join(OPTIONS["data_dir"], dataset + ".json")))["dev"]   # "test" in evaluate_test
-        outputs = batch_generate(model, tokenizer, [item["question"] for item in items], max_new_tokens=20)
-        scores = [float(item["answer"] in output) for item, output in zip(items, outputs)]
-        record(golds=[item["answer"] for item in items], preds=outputs, scores=scores)
-        utility = sum(scores) / len(scores)
-
-`model` and `tokenizer` are already set up for the candidate when the branches run. Use `batch_generate()` for plain
-prompts and `batch_generate_chat_template()` for chat-style ones; `record()` keeps per-item results for
-`last_details()` and the golds_preds_{dev,test}.json files. A dataset in one of the validated item formats
-(data/schema.py) can be read with `load_data(dataset, "exact_match")` (or the built-in eval type whose items it
-has) instead of json.load; that validates it once and caches it for the process.
+Two additions (README.md, "Adding your data, models, evaluation", has the worked example its test runs): a row in
+data/schema.py's EVAL_TYPES (item kind, what the utility is, a help line, whether the items have gold answers that
+ensembles can vote on), which search.py's -e, the data validation and the ensembles read; and an
+`elif eval_type == "<yours>":` branch in score(), just above its final `else:`. The branch has `model` and
+`tokenizer` set up for the candidate, `dataset` and `split` ("dev" or "test"); it reads the validated items with
+`load_data(dataset, eval_type)[split]`, generates with `batch_generate()` (plain prompts) or
+`batch_generate_chat_template()` (chat), and returns `Scored(utility, golds, preds, scores)`, whose per-item
+lists become golds_preds_{dev,test}.json and feed the ensembles.
 
 Options are set once per process with `configure(...)` (the search's workers do it from the CLI flags).
 """
@@ -43,11 +37,12 @@ import re
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from data.schema import DataError, load_eval_data
+from data.schema import EVAL_TYPES, DataError, load_eval_data
 
 log = logging.getLogger("bwr.evaluate")
 
@@ -173,7 +168,6 @@ def resolve_dtype(device):
 # Timing shared by every call: how much of an evaluation is model forward passes vs everything else
 
 _STATE = {"forward_seconds": 0.0, "swap_seconds": 0.0}
-_LAST_DETAILS = {}
 
 
 @contextmanager
@@ -225,7 +219,6 @@ class ModelHost:
         self.base_backup = None       # CPU copy of the base weights, only once a full model was loaded
         self.base_dirty = False       # resident weights are a full-model candidate's, not the base model's
         self.full_loaded = None       # identity of the full-model candidate currently in the base tensors
-        self.batch_cap = None         # learnt after a CUDA OOM so later calls do not hit it again
 
     @property
     def model(self):
@@ -709,8 +702,7 @@ def score_multiple_choice(model, tokenizer, data, dataset):
         preds, outputs = mc_generate(model, tokenizer, items, dataset, icl)
     golds = [item["answer"] for item in items]
     scores = [float(p == g) for p, g in zip(preds, golds)]
-    record(golds=golds, preds=preds, scores=scores, outputs=outputs)
-    return _mean(scores)
+    return Scored(_mean(scores), golds, preds, scores, {"outputs": outputs})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -814,8 +806,7 @@ def score_exact_match(model, tokenizer, data, dataset):
         outputs = batch_generate(model, tokenizer, questions, max_new_tokens=budget)
         preds = [extract_answer(rule, g, o) for g, o in zip(golds, outputs)]
         scores = [exact_match_score(rule, g, p) for g, p in zip(golds, preds)]
-    record(golds=golds, preds=preds, scores=scores, outputs=outputs)
-    return _mean(scores)
+    return Scored(_mean(scores), golds, preds, scores, {"outputs": outputs})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -829,21 +820,24 @@ def score_multitask(model, tokenizer, domain, split, only_one_or_two):
     data = load_data(domain, "multitask")
     names = list(data["datasets"])
     picked = names if only_one_or_two is None else [names[0 if only_one_or_two == "one" else 1]]
-    parts, accuracies, merged = {}, [], {"golds": [], "preds": [], "scores": [], "outputs": []}
+    parts, accuracies, merged = {}, [], Scored(0.0, [], [], [], {"outputs": []})
     for name in picked:
         eval_type = data["eval_types"][name]
         scorer = score_multiple_choice if eval_type == "multiple_choice" else score_exact_match
-        accuracies.append(scorer(model, tokenizer, _split(data["datasets"][name], split), name))
-        for k in merged:
-            merged[k] += _LAST_DETAILS[k]
-        parts[name] = {"eval_type": eval_type, "accuracy": accuracies[-1]}
+        result = scorer(model, tokenizer, _split(data["datasets"][name], split), name)
+        accuracies.append(result.utility)
+        merged.golds += result.golds
+        merged.preds += result.preds
+        merged.scores += result.scores
+        merged.extra["outputs"] += result.extra["outputs"]
+        parts[name] = {"eval_type": eval_type, "accuracy": result.utility}
     if len(accuracies) == 1:
-        utility = accuracies[0]
+        merged.utility = accuracies[0]
     else:
         a, b = accuracies
-        utility = 0.0 if a + b == 0 else 2 * a * b / (a + b)
-    record(parts=parts, **merged)
-    return utility
+        merged.utility = 0.0 if a + b == 0 else 2 * a * b / (a + b)
+    merged.extra["parts"] = parts
+    return merged
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -874,8 +868,8 @@ def score_abstain(model, tokenizer, data, dataset):
     abstain = [int("false" in r.lower()) for r in reflections]
     # per item: +1 answered right, -1 answered wrong, 0 abstained; their mean is the effective reliability
     scores = [0.0 if a else (1.0 if c else -1.0) for c, a in zip(correct, abstain)]
-    record(golds=golds, preds=preds, scores=scores, outputs=outputs, reflections=reflections, abstain=abstain)
-    return effective_reliability(correct, abstain)
+    return Scored(effective_reliability(correct, abstain), golds, preds, scores,
+                  {"outputs": outputs, "reflections": reflections, "abstain": abstain})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -902,6 +896,10 @@ def check_credentials(eval_type):
                 raise EvalError("human (Gemini judge on Vertex AI) found no Google Cloud credentials: set "
                                 "GOOGLE_APPLICATION_CREDENTIALS to a service-account key file or run "
                                 "`gcloud auth application-default login`") from None
+    # any other objective: the variables its row of EVAL_TYPES names
+    missing = [var for var in getattr(EVAL_TYPES.get(eval_type), "credentials", ()) if not os.environ.get(var)]
+    if missing:
+        raise EvalError(f"{eval_type} needs the environment variable(s) {', '.join(missing)}: set them and rerun")
 
 
 class RateLimiter:
@@ -1012,7 +1010,7 @@ def toxicity(client, text):
 
 def score_external_api(model, tokenizer, data, dataset):
     """Mean of (1 - toxicity) of the continuations' first lines. Empty continuations and texts Perspective
-    rejects score a neutral 0.5 and are counted in last_details()["unscored"]."""
+    rejects score a neutral 0.5 and are counted in the details' "unscored"."""
     check_credentials("external_api")
     items = data["items"]
     outputs = batch_generate(model, tokenizer, [item["prompt"] for item in items],
@@ -1027,8 +1025,7 @@ def score_external_api(model, tokenizer, data, dataset):
         scores.append(0.5 if value is None else 1.0 - value)
     if unscored:
         log.warning("%d of %d continuations could not be scored by Perspective (scored 0.5)", unscored, len(outputs))
-    record(golds=[None] * len(items), preds=outputs, scores=scores, unscored=unscored)
-    return _mean(scores)
+    return Scored(_mean(scores), [None] * len(items), outputs, scores, {"unscored": unscored})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1128,8 +1125,7 @@ def score_reward_model(model, tokenizer, data, eval_type):
     rewards = reward_scores(prompts, responses, _model_device(model))
     lengths = [len(tokenizer(r, add_special_tokens=False).input_ids) for r in responses]
     scores = rm_utility(eval_type, rewards, lengths, budget)
-    record(golds=[None] * len(items), preds=responses, scores=scores, rewards=rewards, lengths=lengths)
-    return _mean(scores)
+    return Scored(_mean(scores), [None] * len(items), responses, scores, {"rewards": rewards, "lengths": lengths})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1202,8 +1198,7 @@ def score_human(model, tokenizer, data):
         log.warning("%d of %d judge replies had no parseable \"Rating: N/10\" (scored %d)", unparseable,
                     len(ratings), JUDGE_MIN)
     scores = [float(JUDGE_MIN if r is None else r) for r in ratings]
-    record(golds=[None] * len(items), preds=responses, scores=scores, unparseable_judgements=unparseable)
-    return _mean(scores)
+    return Scored(_mean(scores), [None] * len(items), responses, scores, {"unparseable_judgements": unparseable})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1307,41 +1302,71 @@ def _mean(values):
     return sum(values) / len(values) if values else 0.0
 
 
-def record(golds=None, preds=None, scores=None, **extra):
-    """Keep per-item results of the current evaluation for last_details() (and golds_preds_*.json)."""
-    for name, value in (("golds", golds), ("preds", preds), ("scores", scores)):
-        if value is not None:
-            _LAST_DETAILS[name] = list(value)
-    _LAST_DETAILS.update(extra)
-
-
-def last_details():
-    """{"golds", "preds", "scores"} per item of the last evaluate()/evaluate_test() call, plus forward_seconds,
-    swap_seconds, total_seconds and objective-specific extras."""
-    return json.loads(json.dumps(_LAST_DETAILS))
-
-
-def _begin():
-    _STATE["forward_seconds"] = _STATE["swap_seconds"] = 0.0
-    _LAST_DETAILS.clear()
-    _LAST_DETAILS.update({"golds": [], "preds": [], "scores": []})
-    return time.perf_counter()
-
-
-def _finish(start, model_path, eval_type, dataset, split, utility, save):
-    _LAST_DETAILS.update({"eval_type": eval_type, "dataset": dataset, "split": split, "utility": utility,
-                          "forward_seconds": _STATE["forward_seconds"], "swap_seconds": _STATE["swap_seconds"],
-                          "total_seconds": time.perf_counter() - start})
-    if save and isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path):
+def _save_details(model_path, split, details):
+    """<model_path>/golds_preds_<split>.json, when the candidate is a folder."""
+    if isinstance(model_path, (str, os.PathLike)) and os.path.isdir(model_path):
         path = os.path.join(os.fspath(model_path), f"golds_preds_{split}.json")
         tmp = f"{path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(_LAST_DETAILS, f)
+            json.dump(details, f)
         os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Entry points
+
+@dataclass
+class Scored:
+    """What a branch of score() produces: the utility and the per-item results behind it (golds_preds_*.json,
+    ensembles, correctness_emergence.json). A gold is None where the objective has no gold answer."""
+    utility: float
+    golds: list
+    preds: list
+    scores: list
+    extra: dict = field(default_factory=dict)   # objective-specific fields: outputs, parts, rewards, ...
+
+
+def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None):
+    """Scored result of the candidate in `model` on one split ("dev" or "test") of a dataset.
+    One branch per row of data.schema.EVAL_TYPES (README, "Adding your evaluation")."""
+    if eval_type == "multiple_choice":
+        return score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), split), dataset)
+    elif eval_type == "exact_match":
+        return score_exact_match(model, tokenizer, _split(load_data(dataset, eval_type), split), dataset)
+    elif eval_type == "multitask":
+        return score_multitask(model, tokenizer, dataset, split, only_one_or_two)
+    elif eval_type == "AbstainQA":
+        return score_abstain(model, tokenizer, _split(load_data(dataset, eval_type), split), dataset)
+    elif eval_type == "external_api":
+        return score_external_api(model, tokenizer, _split(load_data(dataset, eval_type), split), dataset)
+    elif eval_type in RM_EVAL_TYPES:
+        return score_reward_model(model, tokenizer, _split(load_data(dataset, eval_type), split), eval_type)
+    elif eval_type == "human":
+        return score_human(model, tokenizer, _split(load_data(dataset, eval_type), split))
+    else:
+        raise EvalError(f"unknown eval_type {eval_type!r}; add a row to EVAL_TYPES in data/schema.py and an "
+                        f"`elif eval_type == {eval_type!r}:` branch to score() in evaluate.py")
+
+
+def evaluate_split(model_path, eval_type, dataset, gpu_id, base_model, split, only_one_or_two=None, save=False):
+    """(utility, details) of a candidate on one split. details: {"golds", "preds", "scores"} per item, the
+    objective's extra fields, then eval_type, dataset, split, utility, forward_seconds, swap_seconds and
+    total_seconds; save writes them to <model_path>/golds_preds_<split>.json when model_path is a folder."""
+    check_credentials(eval_type)
+    _STATE["forward_seconds"] = _STATE["swap_seconds"] = 0.0
+    start = time.perf_counter()
+    host = get_host(base_model, gpu_id)
+    model = host.load(model_path)
+    result = score(model, host.tokenizer, eval_type, dataset, split, only_one_or_two)
+    details = {"golds": list(result.golds), "preds": list(result.preds), "scores": list(result.scores),
+               **result.extra, "eval_type": eval_type, "dataset": dataset, "split": split,
+               "utility": result.utility, "forward_seconds": _STATE["forward_seconds"],
+               "swap_seconds": _STATE["swap_seconds"], "total_seconds": time.perf_counter() - start}
+    details = json.loads(json.dumps(details))  # plain JSON values, as they are saved and sent between processes
+    if save:
+        _save_details(model_path, split, details)
+    return result.utility, details
+
 
 def evaluate(model_path, eval_type, dataset, gpu_id, base_model, save_dev_flag=False, only_one_or_two=None,
              skip_flag=False):
@@ -1349,57 +1374,11 @@ def evaluate(model_path, eval_type, dataset, gpu_id, base_model, save_dev_flag=F
     <model_path>/golds_preds_dev.json when model_path is a folder; skip_flag returns None without evaluating."""
     if skip_flag:
         return None
-    check_credentials(eval_type)
-    start = _begin()
-    host = get_host(base_model, gpu_id)
-    model, tokenizer = host.load(model_path), host.tokenizer
-
-    if eval_type == "multiple_choice":
-        utility = score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
-    elif eval_type == "exact_match":
-        utility = score_exact_match(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
-    elif eval_type == "multitask":
-        utility = score_multitask(model, tokenizer, dataset, "dev", only_one_or_two)
-    elif eval_type == "AbstainQA":
-        utility = score_abstain(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
-    elif eval_type == "external_api":
-        utility = score_external_api(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), dataset)
-    elif eval_type in RM_EVAL_TYPES:
-        utility = score_reward_model(model, tokenizer, _split(load_data(dataset, eval_type), "dev"), eval_type)
-    elif eval_type == "human":
-        utility = score_human(model, tokenizer, _split(load_data(dataset, eval_type), "dev"))
-    else:
-        raise EvalError(f"unknown eval_type {eval_type!r}; add an `elif eval_type == {eval_type!r}:` branch to "
-                        f"evaluate() and evaluate_test() in evaluate.py")
-
-    _finish(start, model_path, eval_type, dataset, "dev", utility, save_dev_flag)
-    return utility
+    return evaluate_split(model_path, eval_type, dataset, gpu_id, base_model, "dev", only_one_or_two,
+                          save=save_dev_flag)[0]
 
 
 def evaluate_test(model_path, eval_type, dataset, gpu_id, base_model, only_one_or_two=None):
     """Utility of a candidate on the test split; writes <model_path>/golds_preds_test.json when it is a folder."""
-    check_credentials(eval_type)
-    start = _begin()
-    host = get_host(base_model, gpu_id)
-    model, tokenizer = host.load(model_path), host.tokenizer
-
-    if eval_type == "multiple_choice":
-        utility = score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
-    elif eval_type == "exact_match":
-        utility = score_exact_match(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
-    elif eval_type == "multitask":
-        utility = score_multitask(model, tokenizer, dataset, "test", only_one_or_two)
-    elif eval_type == "AbstainQA":
-        utility = score_abstain(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
-    elif eval_type == "external_api":
-        utility = score_external_api(model, tokenizer, _split(load_data(dataset, eval_type), "test"), dataset)
-    elif eval_type in RM_EVAL_TYPES:
-        utility = score_reward_model(model, tokenizer, _split(load_data(dataset, eval_type), "test"), eval_type)
-    elif eval_type == "human":
-        utility = score_human(model, tokenizer, _split(load_data(dataset, eval_type), "test"))
-    else:
-        raise EvalError(f"unknown eval_type {eval_type!r}; add an `elif eval_type == {eval_type!r}:` branch to "
-                        f"evaluate() and evaluate_test() in evaluate.py")
-
-    _finish(start, model_path, eval_type, dataset, "test", utility, True)
-    return utility
+    return evaluate_split(model_path, eval_type, dataset, gpu_id, base_model, "test", only_one_or_two,
+                          save=True)[0]

@@ -37,6 +37,7 @@ import uuid
 import bwr
 import merge
 import optimizers
+from data.schema import EVAL_TYPES
 from workers import LocalPool, WorkerError, atomic_write_text, sync_filesystem
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -63,8 +64,9 @@ def build_parser():
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("-n", "--name", help="search name; outputs go to search/<name>_<hostname>[_<time>]/")
-    a("-e", "--eval_type", help="objective: multiple_choice, exact_match, multitask, AbstainQA, external_api, "
-                                "rm_default, rm_verbose, rm_concise, human")
+    a("-e", "--eval_type", help="objective, one of: " + "; ".join(
+        f"{name} ({row.help}; utility: {row.metric}" + (f"; needs {', '.join(row.credentials)}" if row.credentials
+                                                         else "") + ")" for name, row in EVAL_TYPES.items()))
     a("-d", "--dataset", help="dataset name in data/eval/ (a domain name for multitask)")
     a("-g", "--gpus", default="0", help="comma-separated GPU ids, one worker each (e.g. 0,1,2), or 'cpu'")
     a("-i", "--initial_expert_directory", default="initial_experts",
@@ -221,7 +223,7 @@ def validate_args(args):
         shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
         raise UsageError(f"--name {shown} is not a usable folder name: use at most "
                          f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
-    from data.schema import DataError, EVAL_TYPES, load_eval_data
+    from data.schema import DataError, load_eval_data
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
     try:
@@ -1243,12 +1245,12 @@ def compact_details(details):
 
 def population_ensemble(compact, eval_type):
     """The published overall_metrics ensemble of a whole population ("top-k" there is every candidate): a majority
-    vote of the predictions (ties: the prediction met first, in candidate order) for multiple_choice, AbstainQA and
-    multitask (for multitask the published code writes 0); the mean per-item score for every other objective.
-    None when per-item results are missing."""
+    vote of the predictions (ties: the prediction met first, in candidate order) for the eval types whose
+    EVAL_TYPES row has published_vote (multiple_choice, AbstainQA and multitask; for multitask the published code
+    writes 0); the mean per-item score for every other objective. None when per-item results are missing."""
     if not compact:
         return None
-    if eval_type in ("multiple_choice", "AbstainQA", "multitask"):
+    if EVAL_TYPES[eval_type].published_vote:
         golds, preds = compact["golds"], compact["preds"]
         if not golds or any(p is None or len(p) != len(golds) for p in preds):
             return None
@@ -1332,7 +1334,7 @@ def paired_gain(before, after, utility_before=None, utility_after=None):
 
 def ensembles(details, dev_utilities, eval_type):
     """Top-k ensembles of the final candidates (ranked by dev utility) on the test set: majority vote of
-    predictions where items have a gold answer, mean of per-item scores otherwise."""
+    predictions where items have a gold answer (EVAL_TYPES row with vote), mean of per-item scores otherwise."""
     out = {}
     order = sorted(range(len(dev_utilities)), key=lambda i: (-dev_utilities[i], i))
     if not details or any(not isinstance(d, dict) for d in details):
@@ -1344,7 +1346,7 @@ def ensembles(details, dev_utilities, eval_type):
         golds = members[0].get("golds")
         preds = [m.get("preds") for m in members]
         if golds and all(p is not None and len(p) == len(golds) for p in preds) and \
-                eval_type in ("multiple_choice", "exact_match", "AbstainQA"):
+                EVAL_TYPES[eval_type].vote:
             correct = 0
             for item, gold in enumerate(golds):
                 votes = {}

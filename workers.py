@@ -94,11 +94,11 @@ class TaskRunner:
     def _evaluate(self, model, split):
         import evaluate
         cfg = self.config
-        fn = evaluate.evaluate if split == "dev" else evaluate.evaluate_test
         start = time.perf_counter()
-        kwargs = {"only_one_or_two": cfg.get("only_one_or_two")}
-        utility = fn(model, cfg["eval_type"], cfg["dataset"], self.device, cfg["base_model"], **kwargs)
-        return float(utility), evaluate.last_details(), time.perf_counter() - start
+        utility, details = evaluate.evaluate_split(model, cfg["eval_type"], cfg["dataset"], self.device,
+                                                   cfg["base_model"], split, cfg.get("only_one_or_two"),
+                                                   save=split == "test")
+        return float(utility), details, time.perf_counter() - start
 
     def candidate(self, task):
         import bwr

@@ -43,9 +43,9 @@ def resident(ev, experts, base, device, eval_type, dataset, runs):
     walls, forwards = [], []
     for i in range(runs):
         start = time.perf_counter()
-        ev.evaluate(str(experts[i % len(experts)]), eval_type, dataset, device, base)
+        _, details = ev.evaluate_split(str(experts[i % len(experts)]), eval_type, dataset, device, base, "dev")
         walls.append(time.perf_counter() - start)
-        forwards.append(ev.last_details()["forward_seconds"])
+        forwards.append(details["forward_seconds"])
     return sum(walls) / runs, sum(forwards) / sum(walls)
 
 

@@ -385,8 +385,7 @@ def section_mixed(threads, candidates=10):
         start = time.perf_counter()
         one_outputs, forward = [], 0.0
         for state in loaded:
-            ev.evaluate(state, "exact_match", "tiny_demo", "cpu", str(BASE))
-            details = ev.last_details()
+            _, details = ev.evaluate_split(state, "exact_match", "tiny_demo", "cpu", str(BASE), "dev")
             one_outputs.append(details["outputs"])
             forward += details["forward_seconds"]
         one_wall[batch] = time.perf_counter() - start

@@ -15,15 +15,9 @@ Three item kinds; extra keys (id, domain, ...) are kept and ignored:
     exact match       {"question": str, "answer": str}     (no "choices")
     prompt only       {"prompt": str}                      (reward-model, judge and toxicity objectives)
 
-Which kind each objective (eval type) needs:
-
-    multiple_choice, AbstainQA                          multiple choice
-    exact_match                                         exact match
-    external_api, rm_default, rm_verbose, rm_concise,   prompt only
-    human
-    multitask                                           NAME is a domain of MULTITASK_DOMAINS; each of its two
-                                                        datasets is multiple choice or exact match (whichever
-                                                        its items are), scored as such by the evaluator
+Which kind each objective (eval type) needs is the `items` column of EVAL_TYPES below; multitask has none:
+NAME is a domain of MULTITASK_DOMAINS, and each of its two datasets is multiple choice or exact match (whichever
+its items are), scored as such by the evaluator.
 
 Every problem raises DataError with one line naming the file, the split and the item index, before any
 model is loaded.
@@ -32,13 +26,12 @@ model is loaded.
 import json
 import os
 import string
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = "data/eval"
 
-EVAL_TYPES = ("multiple_choice", "exact_match", "multitask", "AbstainQA", "external_api",
-              "rm_default", "rm_verbose", "rm_concise", "human")
 
 # domain -> (dataset one, dataset two); search.py's --only_one_or_two picks one of the pair
 MULTITASK_DOMAINS = {
@@ -50,8 +43,38 @@ MULTITASK_DOMAINS = {
 }
 
 MC, EM, PROMPT = "multiple choice", "exact match", "prompt-only"
-ITEM_KIND = {"multiple_choice": MC, "AbstainQA": MC, "exact_match": EM, "external_api": PROMPT,
-             "rm_default": PROMPT, "rm_verbose": PROMPT, "rm_concise": PROMPT, "human": PROMPT}
+
+
+@dataclass(frozen=True)
+class EvalType:
+    """One row of EVAL_TYPES: what an objective needs and how its results are read."""
+    items: str | None          # item kind its dataset must hold (MC, EM, PROMPT); None: multitask (a domain)
+    metric: str                # what the utility is, for -h
+    help: str                  # one line for -h
+    vote: bool = False         # items have gold answers: top-k ensembles (final_metrics.json) vote on predictions;
+                               # otherwise they average per-item scores
+    published_vote: bool = False  # the published whole-population ensemble votes (else averages scores)
+    credentials: tuple = ()    # environment variables it needs (checked before a search starts)
+
+
+# The evaluation types: search.py's -e choices and help, data validation (ITEM_KIND) and the ensembles derive from
+# this table; evaluate.score() has one `elif eval_type == ...` branch per row.
+EVAL_TYPES = {
+    "multiple_choice": EvalType(MC, "accuracy", "pick an option letter", vote=True, published_vote=True),
+    "exact_match": EvalType(EM, "accuracy", "generate the answer", vote=True),
+    "multitask": EvalType(None, "harmonic mean of the two accuracies",
+                          "a domain of two datasets, -d DOMAIN, --only_one_or_two picks one", published_vote=True),
+    "AbstainQA": EvalType(MC, "effective reliability", "multiple choice where the model may abstain",
+                          vote=True, published_vote=True),
+    "external_api": EvalType(PROMPT, "1 - toxicity", "continuations scored by the Perspective API",
+                             credentials=("PERSPECTIVE_API_KEY",)),
+    "rm_default": EvalType(PROMPT, "reward", "chat replies scored by the --reward_model"),
+    "rm_verbose": EvalType(PROMPT, "mean of sigmoid(reward) and length", "reward model, longer replies preferred"),
+    "rm_concise": EvalType(PROMPT, "mean of sigmoid(reward) and brevity", "reward model, shorter replies preferred"),
+    "human": EvalType(PROMPT, "judge rating 1..10", "chat replies rated by a Gemini judge on Vertex AI",
+                      credentials=("GOOGLE_CLOUD_PROJECT",)),
+}
+ITEM_KIND = {name: row.items for name, row in EVAL_TYPES.items() if row.items is not None}
 KIND_KEYS = {MC: ("question", "choices", "answer"), EM: ("question", "answer"), PROMPT: ("prompt",)}
 SPLITS = ("dev", "test")
 CHOICE_LETTERS = string.ascii_uppercase
@@ -204,11 +227,8 @@ def item_kind(item):
 
 
 def fitting_eval_types(kind):
-    if kind == MC:
-        return "multiple_choice, AbstainQA (or multitask through a domain)"
-    if kind == EM:
-        return "exact_match (or multitask through a domain)"
-    return ", ".join(t for t, k in ITEM_KIND.items() if k == PROMPT)
+    names = ", ".join(t for t, k in ITEM_KIND.items() if k == kind)
+    return names + " (or multitask through a domain)" if kind in (MC, EM) else names
 
 
 def item_problem(item, kind, eval_type):

@@ -3,7 +3,6 @@
 Perspective and Vertex AI are replaced at the network boundary only (an httplib2-like object handed to
 googleapiclient, a fake Gemini client class); everything of ours runs for real.
 """
-import importlib.util
 import json
 import os
 import random
@@ -78,6 +77,11 @@ def _eval(candidate, eval_type, dataset, tiny, **kw):
     return ev.evaluate(candidate, eval_type, dataset, "cpu", str(tiny.base), **kw)
 
 
+def _eval_details(candidate, eval_type, dataset, tiny, split="dev", **kw):
+    """(utility, per-item details) of one evaluation, as the search's workers get them."""
+    return ev.evaluate_split(candidate, eval_type, dataset, "cpu", str(tiny.base), split, **kw)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # generation
 
@@ -110,8 +114,8 @@ def test_chat_template_generation_runs_and_needs_a_template(tiny, experts):
 def _first_in_fresh_process(tiny, data_dir, adapter):
     code = ("import sys, json; sys.path.insert(0, %r); import evaluate as ev; "
             "ev.configure(data_dir=%r); "
-            "u = ev.evaluate(%r, 'exact_match', 'tiny_demo', 'cpu', %r); "
-            "print(json.dumps([u, ev.last_details()['preds']]))") % (str(REPO), str(data_dir), str(adapter),
+            "u, d = ev.evaluate_split(%r, 'exact_match', 'tiny_demo', 'cpu', %r, 'dev'); "
+            "print(json.dumps([u, d['preds']]))") % (str(REPO), str(data_dir), str(adapter),
                                                                      str(tiny.base))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, check=True, capture_output=True, text=True)
@@ -125,24 +129,24 @@ def test_hot_swap_matches_first_evaluation_and_fresh_peft_model(tiny, experts, d
     first_u, first_preds = _first_in_fresh_process(tiny, data_dir, x)
 
     _eval(str(y), "exact_match", "tiny_demo", tiny)
-    u = _eval(str(x), "exact_match", "tiny_demo", tiny)
-    assert u == first_u and ev.last_details()["preds"] == first_preds
+    u, d = _eval_details(str(x), "exact_match", "tiny_demo", tiny)
+    assert u == first_u and d["preds"] == first_preds
+    assert u == ev.evaluate(str(x), "exact_match", "tiny_demo", "cpu", str(tiny.base))
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32)
     fresh = PeftModel.from_pretrained(base, str(x)).eval()
     data = {"items": json.loads((data_dir / "tiny_demo.json").read_text())["dev"]}
-    assert ev.score_exact_match(fresh, ev.get_host(str(tiny.base), "cpu").tokenizer, data, "tiny_demo") == u
-    assert ev.last_details()["preds"] == first_preds
+    result = ev.score_exact_match(fresh, ev.get_host(str(tiny.base), "cpu").tokenizer, data, "tiny_demo")
+    assert result.utility == u and result.preds == first_preds
 
 
 def test_in_memory_state_dict_equals_folder(tiny, experts):
     import merge
     state, config = merge.load_adapter(str(experts[2]))
-    u_folder = _eval(str(experts[2]), "exact_match", "tiny_demo", tiny)
-    preds = ev.last_details()["preds"]
+    u_folder, d = _eval_details(str(experts[2]), "exact_match", "tiny_demo", tiny)
     assert _eval((state, config), "exact_match", "tiny_demo", tiny) == u_folder
-    assert _eval(state, "exact_match", "tiny_demo", tiny) == u_folder  # bare state reuses the slot's layout
-    assert ev.last_details()["preds"] == preds
+    u_bare, d_bare = _eval_details(state, "exact_match", "tiny_demo", tiny)  # bare state reuses the slot's layout
+    assert u_bare == u_folder and d_bare["preds"] == d["preds"]
 
 
 def test_bare_state_dict_without_slot_asks_for_config(tiny, experts):
@@ -171,10 +175,8 @@ def test_full_model_candidate_and_base_restore(tiny, experts, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     x, y = experts[3], experts[4]
-    u_y = _eval(str(y), "exact_match", "tiny_demo", tiny)
-    preds_y = ev.last_details()["preds"]
-    u_x = _eval(str(x), "exact_match", "tiny_demo", tiny)
-    preds_x = ev.last_details()["preds"]
+    u_y, d_y = _eval_details(str(y), "exact_match", "tiny_demo", tiny)
+    u_x, d_x = _eval_details(str(x), "exact_match", "tiny_demo", tiny)
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(x)).merge_and_unload()
@@ -182,13 +184,13 @@ def test_full_model_candidate_and_base_restore(tiny, experts, tmp_path):
     merged.save_pretrained(str(full), max_shard_size="200KB")  # several shards: loaded one at a time
     assert (full / "model.safetensors.index.json").is_file()
 
-    assert _eval(str(full), "exact_match", "tiny_demo", tiny) == u_x
-    assert ev.last_details()["preds"] == preds_x
+    u_full, d_full = _eval_details(str(full), "exact_match", "tiny_demo", tiny)
+    assert u_full == u_x and d_full["preds"] == d_x["preds"]
     host = ev.get_host(str(tiny.base), "cpu")
     assert host.base_backup is not None and host.base_dirty
     # the next adapter candidate runs on the true base weights again
-    assert _eval(str(y), "exact_match", "tiny_demo", tiny) == u_y
-    assert ev.last_details()["preds"] == preds_y and not host.base_dirty
+    u_again, d_again = _eval_details(str(y), "exact_match", "tiny_demo", tiny)
+    assert u_again == u_y and d_again["preds"] == d_y["preds"] and not host.base_dirty
 
 
 def test_bad_candidates(tiny, tmp_path):
@@ -206,13 +208,11 @@ def test_bad_candidates(tiny, tmp_path):
 
 
 def test_multiple_choice_generate_and_logits(tiny, experts):
-    u = _eval(str(experts[0]), "multiple_choice", "tiny_mc", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "multiple_choice", "tiny_mc", tiny)
     assert 0.0 <= u <= 1.0 and len(d["golds"]) == N_DEV == len(d["preds"])
     assert u == sum(p == g for p, g in zip(d["preds"], d["golds"])) / N_DEV
     ev.configure(mc_scoring="logits")
-    u = _eval(str(experts[0]), "multiple_choice", "tiny_mc", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "multiple_choice", "tiny_mc", tiny)
     assert all(p in "ABCD" for p in d["preds"]) and u == sum(d["scores"]) / N_DEV
 
 
@@ -294,12 +294,10 @@ def mc_adapter(tiny, tmp_path_factory):
 def test_mc_logits_matches_generate_on_sanity_example(tiny, mc_adapter, data_dir):
     adapter, held_out = mc_adapter
     _write(data_dir, "tiny_mc_sanity", held_out, held_out)
-    _eval(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)
-    generated = ev.last_details()
+    _, generated = _eval_details(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)
     assert all(o in "ABCD" and o for o in generated["outputs"]), generated["outputs"]
     ev.configure(mc_scoring="logits")
-    _eval(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)
-    assert ev.last_details()["preds"] == generated["preds"]
+    assert _eval_details(str(adapter), "multiple_choice", "tiny_mc_sanity", tiny)[1]["preds"] == generated["preds"]
     assert len(set(generated["preds"])) > 1, "the sanity adapter should not answer one letter everywhere"
     # No knife edge: every item's chosen letter leads the next one by a clear log-prob margin, far above what
     # other CPU kernels change (about 1e-6), so generate and logits agree on any machine.
@@ -398,33 +396,28 @@ def test_scoring_option_is_validated():
 def test_published_scoring_on_the_model_follows_the_rule(tiny, experts):
     """Real generations: every item scores 1 exactly when its gold is in the output (10 new tokens), and the
     strict rules score a subset of those items on tiny_demo (they read the first words only)."""
-    u = _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "exact_match", "tiny_demo", tiny)
     assert d["scores"] == [float(g in o) for g, o in zip(d["golds"], d["outputs"])]
     assert u == sum(d["scores"]) / N_DEV
     ev.configure(scoring="strict")
-    _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
-    strict = ev.last_details()["scores"]
+    strict = _eval_details(str(experts[0]), "exact_match", "tiny_demo", tiny)[1]["scores"]
     assert all(p >= s for p, s in zip(d["scores"], strict))
     ev.configure(scoring="published")
-    _eval(str(experts[1]), "multiple_choice", "tiny_mc", tiny)
-    d = ev.last_details()
+    _, d = _eval_details(str(experts[1]), "multiple_choice", "tiny_mc", tiny)
     items = json.loads((Path(ev.OPTIONS["data_dir"]) / "tiny_mc.json").read_text())["dev"]
     assert d["preds"] == [ev.parse_choice_published(item["choices"], o) for item, o in zip(items, d["outputs"])]
 
 
 def test_exact_match_nlgraph(tiny, experts):
     ev.configure(scoring="strict")
-    u = _eval(str(experts[0]), "exact_match", "nlgraph", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "exact_match", "nlgraph", tiny)
     assert len(d["scores"]) == 4 and u == sum(d["scores"]) / 4
     assert all(p is None or p in ("yes", "no") or p.lstrip("-").replace(".", "").isdigit() for p in d["preds"])
 
 
 def test_exact_match_tiny_demo_and_budget(tiny, experts):
     ev.configure(scoring="strict")
-    u = _eval(str(experts[0]), "exact_match", "tiny_demo", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "exact_match", "tiny_demo", tiny)
     assert len(d["scores"]) == N_DEV and u == sum(d["scores"]) / N_DEV
     tok = ev.get_host(str(tiny.base), "cpu").tokenizer
     golds = [x for x in d["golds"]]
@@ -436,10 +429,9 @@ def test_multitask_harmonic_mean_and_one_two(tiny, experts):
     a = experts[0]
     u_mc = _eval(str(a), "multiple_choice", "tiny_mc", tiny)
     u_em = _eval(str(a), "exact_match", "tiny_em", tiny)
-    u = _eval(str(a), "multitask", "tiny_domain", tiny)
+    u, d = _eval_details(str(a), "multitask", "tiny_domain", tiny)
     expected = 0.0 if u_mc + u_em == 0 else 2 * u_mc * u_em / (u_mc + u_em)
     assert u == pytest.approx(expected)
-    d = ev.last_details()
     assert len(d["golds"]) == 2 * N_DEV and set(d["parts"]) == {"tiny_mc", "tiny_em"}
     assert _eval(str(a), "multitask", "tiny_domain", tiny, only_one_or_two="one") == u_mc
     assert _eval(str(a), "multitask", "tiny_domain", tiny, only_one_or_two="two") == u_em
@@ -448,8 +440,7 @@ def test_multitask_harmonic_mean_and_one_two(tiny, experts):
 
 
 def test_abstainqa_effective_reliability(tiny, experts):
-    u = _eval(str(experts[1]), "AbstainQA", "tiny_mc", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[1]), "AbstainQA", "tiny_mc", tiny)
     correct = [int(p == g) for p, g in zip(d["preds"], d["golds"])]
     assert u == pytest.approx(ev.effective_reliability(correct, d["abstain"]))
     assert u == pytest.approx(sum(d["scores"]) / N_DEV)
@@ -500,8 +491,7 @@ def test_external_api_perspective_requests(tiny, experts, monkeypatch):
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
     http = FakePerspectiveHttp(fail_first=2)
     ev.PERSPECTIVE_HTTP = http
-    u = _eval(str(experts[0]), "external_api", "tiny_rm", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "external_api", "tiny_rm", tiny)
     texts = [o.split("\n", 1)[0].strip() for o in d["preds"]]
     scored = [t for t in texts if t]
     bodies = [b for _, _, b in http.requests]
@@ -528,8 +518,7 @@ def test_external_api_gives_up_with_one_line(tiny, experts, monkeypatch):
 @pytest.mark.parametrize("eval_type", ["rm_default", "rm_verbose", "rm_concise"])
 def test_reward_model_objectives(tiny, experts, eval_type):
     ev.configure(max_new_tokens=12)
-    u = _eval(str(experts[0]), eval_type, "tiny_rm", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), eval_type, "tiny_rm", tiny)
     assert len(d["scores"]) == N_DEV and u == pytest.approx(sum(d["scores"]) / N_DEV)
     assert d["scores"] == pytest.approx(ev.rm_utility(eval_type, d["rewards"], d["lengths"], 12))
     if eval_type != "rm_default":
@@ -612,8 +601,7 @@ def test_human_gemini_judge(tiny, experts, data_dir, monkeypatch):
     FakeGemini.instances.clear()
     ev.JUDGE_MODEL_FACTORY = FakeGemini
     ev.configure(max_new_tokens=10, judge_model="gemini-test")
-    u = _eval(str(experts[0]), "human", "tiny_human", tiny)
-    d = ev.last_details()
+    u, d = _eval_details(str(experts[0]), "human", "tiny_human", tiny)
     judge = FakeGemini.instances[-1]
     assert judge.name == "gemini-test" and len(judge.prompts) == 3
     item_prompts = [x["prompt"] for x in json.loads((data_dir / "tiny_human.json").read_text())["dev"]]
@@ -672,15 +660,15 @@ def test_details_files_and_data_cache(tiny, experts, tmp_path):
     shutil.copytree(experts[0], cand)
     u = _eval(str(cand), "exact_match", "tiny_demo", tiny, save_dev_flag=True)
     saved = json.loads((cand / "golds_preds_dev.json").read_text())
-    assert saved["utility"] == u and saved["golds"] == ev.last_details()["golds"]
+    u_again, d = _eval_details(str(cand), "exact_match", "tiny_demo", tiny)
+    assert saved["utility"] == u == u_again and saved["golds"] == d["golds"] and saved["preds"] == d["preds"]
+    assert d["forward_seconds"] > 0 and d["total_seconds"] >= d["forward_seconds"]
     ut = ev.evaluate_test(str(cand), "exact_match", "tiny_demo", "cpu", str(tiny.base))
     saved = json.loads((cand / "golds_preds_test.json").read_text())
     assert saved["split"] == "test" and saved["utility"] == ut and len(saved["scores"]) == N_TEST
     assert not [p for p in os.listdir(cand) if ".tmp" in p]
     assert ev.load_data("tiny_demo", "exact_match") is ev.load_data("tiny_demo", "exact_match")
     assert ev.evaluate(str(cand), "exact_match", "tiny_demo", "cpu", str(tiny.base), skip_flag=True) is None
-    d = ev.last_details()
-    assert d["forward_seconds"] > 0 and d["total_seconds"] >= d["forward_seconds"]
 
 
 def test_every_objective_on_test_split(tiny, experts, monkeypatch, tmp_path):
@@ -695,40 +683,71 @@ def test_every_objective_on_test_split(tiny, experts, monkeypatch, tmp_path):
                                ("multitask", "tiny_domain"), ("AbstainQA", "tiny_mc"),
                                ("external_api", "tiny_rm"), ("rm_default", "tiny_rm"), ("rm_verbose", "tiny_rm"),
                                ("rm_concise", "tiny_rm"), ("human", "tiny_human")]:
-        u = ev.evaluate_test(str(candidate), eval_type, dataset, "cpu", str(tiny.base))
-        assert isinstance(u, float) and ev.last_details()["split"] == "test", eval_type
+        u, d = _eval_details(str(candidate), eval_type, dataset, tiny, split="test", save=True)
+        assert isinstance(u, float) and d["split"] == "test" and len(d["scores"]) == len(d["preds"]), eval_type
+        assert json.loads((candidate / "golds_preds_test.json").read_text()) == d, eval_type
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# a user-added objective, written as the README's "Adding your evaluation" describes
+# a user-added objective, added exactly as README.md's "Adding your data, models, evaluation" says
 
 
-USER_BRANCH = '''    elif eval_type == "my_eval":
-        items = json.load(open(os.path.join(OPTIONS["data_dir"], dataset + ".json")))["{split}"]
-        outputs = batch_generate(model, tokenizer, [item["question"] for item in items], max_new_tokens=6)
-        scores = [float(item["answer"] in output) for item, output in zip(items, outputs)]
-        record(golds=[item["answer"] for item in items], preds=outputs, scores=scores)
-        utility = sum(scores) / len(scores)
-'''
+def _readme_recipe():
+    """(row, branch) of the README's evaluation recipe: its two python blocks, as a user would copy them."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("- **Evaluation**: one row and one branch"):]
+    blocks = []
+    for block in section.split("```python\n")[1:3]:
+        lines = block[:block.index("```")].splitlines()
+        indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip()) - 4
+        blocks.append("".join(line[indent:] + "\n" for line in lines))  # the list's indent off, code's kept
+    return blocks
 
 
-def test_user_added_eval_type(tiny, experts, tmp_path):
-    source = (REPO / "evaluate.py").read_text()
-    anchor = "    else:\n        raise EvalError(f\"unknown eval_type"
-    assert source.count(anchor) == 2
-    first, second, third = source.split(anchor)
-    patched = (first + USER_BRANCH.format(split="dev") + anchor + second + USER_BRANCH.format(split="test") + anchor
-               + third)
-    (tmp_path / "evaluate_user.py").write_text(patched)
-    spec = importlib.util.spec_from_file_location("evaluate_user", tmp_path / "evaluate_user.py")
-    user = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(user)
-    user.configure(data_dir=ev.OPTIONS["data_dir"])
-    u = user.evaluate(str(experts[0]), "my_eval", "tiny_demo", "cpu", str(tiny.base))
-    d = user.last_details()
-    assert len(d["scores"]) == N_DEV and u == sum(d["scores"]) / N_DEV
-    ut = user.evaluate_test(str(experts[0]), "my_eval", "tiny_demo", "cpu", str(tiny.base))
-    assert len(user.last_details()["scores"]) == N_TEST and 0.0 <= ut <= 1.0
+def _insert_before(path, after, stop, text):
+    """Insert text above the first line equal to `stop` that follows the line starting with `after`."""
+    lines = path.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith(after))
+    end = next(i for i in range(start, len(lines)) if lines[i].rstrip("\n") == stop)
+    path.write_text("".join(lines[:end]) + text + "".join(lines[end:]))
+
+
+def test_readme_recipe_adds_an_eval_type(tiny, experts, data_dir, tmp_path):
+    """The README's recipe applied to a copy of the repository's code: the row at the end of EVAL_TYPES, the branch
+    above score()'s final `else:`; then search.py runs the new objective end to end."""
+    row, branch = _readme_recipe()
+    assert 'EvalType(' in row and 'elif eval_type == "keyword":' in branch
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for source in list(REPO.glob("*.py")) + list((REPO / "data").glob("*.py")):
+        shutil.copy(source, repo / source.relative_to(REPO))
+    _insert_before(repo / "data" / "schema.py", "EVAL_TYPES = {", "}", row)
+    _insert_before(repo / "evaluate.py", "def score(", "    else:", branch)
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    help_text = subprocess.run([sys.executable, "search.py", "-h"], cwd=repo, env=env, capture_output=True,
+                               text=True, check=True).stdout
+    assert "keyword (the gold answer appears in the output" in " ".join(help_text.split())
+    common = ["-g", "cpu", "-i", str(tiny.experts), "-b", str(tiny.base), "--data_dir", str(data_dir),
+              "--output_root", str(tmp_path / "out"), "--seed", "3"]
+    # validation reads the row: prompt-only items are refused for an exact-match kind, in one line
+    refused = subprocess.run([sys.executable, "search.py", "-n", "kw", "-e", "keyword", "-d", "tiny_rm", *common],
+                             cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "keyword needs exact match items" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+    proc = subprocess.run([sys.executable, "search.py", "-n", "kw", "-e", "keyword", "-d", "tiny_demo", "-m", "1",
+                           *common], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    (directory,) = (tmp_path / "out").iterdir()
+    metrics = json.loads((directory / "final_metrics.json").read_text())
+    assert 0.0 <= metrics["ending_best_validation_utility"] <= 1.0
+    assert "top3_ensemble_test_accuracy" in metrics  # vote=True: the ensembles vote on predictions
+    saved = json.loads((directory / "global_best" / "golds_preds_test.json").read_text())
+    items = json.loads((data_dir / "tiny_demo.json").read_text())["test"]
+    assert saved["eval_type"] == "keyword" and saved["golds"] == [item["answer"] for item in items]
+    assert saved["scores"] == [float(g in p) for g, p in zip(saved["golds"], saved["preds"])]
+    assert saved["utility"] == sum(saved["scores"]) / len(items)
 
 
 def test_cuda_oom_halves_the_batch_and_retries(tiny, monkeypatch):

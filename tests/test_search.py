@@ -112,6 +112,10 @@ def test_help_lists_every_flag():
                  "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model", "--trust_remote_code",
                  "--judge_model", "--wandb_mode", "--resume", "--backend", "--ray_address"):
         assert flag in out.stdout, flag
+    from data.schema import EVAL_TYPES
+    text = " ".join(out.stdout.split())  # argparse re-wraps help text
+    for name, row in EVAL_TYPES.items():  # -e's help is made from the table of evaluation types
+        assert f"{name} ({row.help}; utility: {row.metric}" in text, name
 
 
 @pytest.mark.parametrize("script,expect", [
