@@ -23,6 +23,13 @@ def run_cli(args, timeout=900, env=None, cwd=REPO):
                           text=True, timeout=timeout)
 
 
+def only_dir(root):
+    """The one search directory a test's search made under root."""
+    dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
+    assert len(dirs) == 1, dirs
+    return Path(root) / dirs[0]
+
+
 @pytest.fixture(scope="session")
 def repo_root():
     return REPO

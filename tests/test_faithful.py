@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, only_dir
 
 UPSTREAM = REPO.parents[1] / "shared" / "upstream-data" / "eval"  # ../shared next to the checkout
 ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -26,12 +26,6 @@ def search(root, *args, check=True, timeout=900):
     if check and proc.returncode != 0:
         raise AssertionError(f"search failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def only_dir(root):
-    dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
-    assert len(dirs) == 1, dirs
-    return Path(root) / dirs[0]
 
 
 @pytest.fixture(scope="module")

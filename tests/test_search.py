@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, only_dir
 
 
 def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900):
@@ -20,12 +20,6 @@ def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900):
     if check and proc.returncode != 0:
         raise AssertionError(f"search failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-def only_dir(root):
-    dirs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))]
-    assert len(dirs) == 1, dirs
-    return os.path.join(root, dirs[0])
 
 
 @pytest.fixture(scope="module")
