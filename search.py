@@ -361,16 +361,10 @@ def read_expert(path, fast_merge):
     from safetensors import safe_open
     config = None
     if fast_merge:
-        config_path = os.path.join(path, "adapter_config.json")
-        try:
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        except (ValueError, OSError) as e:
-            raise UsageError(f"expert {path}: adapter_config.json is not valid JSON ({first_line(e)}); restore it "
-                             f"from the adapter's source") from None
-        if not isinstance(config, dict):
-            raise UsageError(f"expert {path}: adapter_config.json must hold a JSON object, got "
-                             f"{type(config).__name__}")
+        config, problem = read_json_object(os.path.join(path, "adapter_config.json"))
+        if problem:
+            raise UsageError(f"expert {path}: adapter_config.json is damaged ({problem}); restore it from the "
+                             f"adapter's source")
         if config.get("peft_type", "LORA") != "LORA":
             raise UsageError(f"expert {path}: only LoRA adapters can be merged, its peft_type is "
                              f"{config.get('peft_type')!r}")
@@ -538,6 +532,19 @@ def write_state(directory, state):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+def read_json_object(path):
+    """(object, None), or (None, why it is not a readable JSON object): for files a user or a crash may have
+    damaged, which are refused with one line rather than a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, OSError) as e:
+        return None, first_line(e)
+    if not isinstance(value, dict):
+        return None, f"a JSON object expected, found {type(value).__name__}"
+    return value, None
 
 
 def apply_moves(moves, discard=shutil.rmtree):
@@ -1442,16 +1449,10 @@ def args_checksum(recorded):
 
 def read_resume_file(directory, name):
     """A JSON object from the search directory, or a UsageError saying why it cannot be trusted."""
-    path = os.path.join(directory, name)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (ValueError, OSError) as e:
-        raise UsageError(f"--resume {directory}: {name} is damaged ({first_line(e)}); it cannot be resumed, "
-                         f"start a new search") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"--resume {directory}: {name} is damaged (a JSON object expected, found "
-                         f"{type(value).__name__}); it cannot be resumed, start a new search")
+    value, problem = read_json_object(os.path.join(directory, name))
+    if problem:
+        raise UsageError(f"--resume {directory}: {name} is damaged ({problem}); it cannot be resumed, "
+                         f"start a new search")
     return value
 
 
