@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, only_dir
 
-UPSTREAM = REPO.parents[1] / "shared" / "upstream-data" / "eval"  # ../shared next to the checkout
+UPSTREAM = REPO.parent / "shared" / "upstream-data" / "eval"  # ../shared next to the checkout
 ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 GPU_SCRIPTS = ["search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"]
 
