@@ -895,11 +895,10 @@ class Search:
             indices.append(i)
         # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
-        accepted, rejected_nan = 0, 0
+        accepted = 0
         for i, result in zip(indices, results):
             c = s["candidates"][i]
             if result.get("rejected") or math.isnan(result["utility"]):
-                rejected_nan += 1
                 self.log(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
                          f"it keeps its weights")
             if result["accepted"]:

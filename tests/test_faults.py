@@ -393,13 +393,14 @@ def test_signal_mid_search_saves_state_and_resumes_bit_for_bit(reference, tmp_pa
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **QUIET_ENV},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        log = os.path.join(tmp_path, os.listdir(tmp_path)[0], "log.txt") if os.listdir(tmp_path) else None
-        if log and os.path.exists(log) and "starting best" in open(log).read():
+    # wait (bounded) until an iteration after the initial population runs: its staging folder .staging/<k>/ exists
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        staging = [os.path.join(tmp_path, name, ".staging") for name in os.listdir(tmp_path)]
+        if any(os.path.isdir(os.path.join(folder, k)) for folder in staging for k in ("1", "2")):
             break
-        time.sleep(0.1)
-    time.sleep(1.0)  # into iteration 1's evaluations
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search ended before its first iteration ran"
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, stderr
