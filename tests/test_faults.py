@@ -415,6 +415,20 @@ def test_signal_mid_search_saves_state_and_resumes_bit_for_bit(reference, tmp_pa
     same_result(reference, directory)
 
 
+def test_worker_warnings_reach_the_log(tiny, data, tmp_path):
+    """A warning logged inside a worker (the batch halving after a CUDA out-of-memory error, injected with
+    BWR_OOM_ABOVE where a device short of memory would raise it) is written to log.txt, naming its task, and not
+    to the worker's stderr."""
+    proc = run_search(tmp_path, "-m", "1", "-p", "5", "--batch_size", "8", env={**QUIET_ENV, "BWR_OOM_ABOVE": "2"})
+    log = open(os.path.join(only_dir(tmp_path), "log.txt")).read()
+    halved = [line for line in log.splitlines() if "warning: CUDA out of memory on cpu" in line]
+    # each worker halves once to 4 and once to 2, on its first task, then keeps batches of 2
+    assert halved and len(halved) % 2 == 0, log
+    assert sum(line.endswith("batch size lowered to 4") for line in halved) == len(halved) // 2, halved
+    assert all(": warning: " in line and "candidate candidate_" in line for line in halved), halved
+    assert "out of memory" not in proc.stderr  # the terminal gets it as a log.txt line (stdout), not from the worker
+
+
 # --- 6. a full disk mid-search: one line naming the path, state consistent, nothing left, resume completes --------
 
 def can_mount_tmpfs(path):
