@@ -470,6 +470,14 @@ def _batch_size(requested, device):
 _OOM_CAP = {}
 
 
+def _injected_oom(size):
+    """Fault injection for the tests, as search.py's crash_point: BWR_OOM_ABOVE=n makes every batch of more than n
+    items fail with CUDA's out-of-memory error, as a device short of memory would, on any device."""
+    limit = os.environ.get("BWR_OOM_ABOVE")
+    if limit and size > int(limit):
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected by BWR_OOM_ABOVE={limit})")
+
+
 def _in_batches(model, count, order, batch_size, run):
     """Runs run(indices) over `order` in chunks; on CUDA OOM halves the chunk and retries (remembered per device)."""
     device = _model_device(model)
@@ -478,6 +486,7 @@ def _in_batches(model, count, order, batch_size, run):
     while start < count:
         chunk = order[start:start + size]
         try:
+            _injected_oom(len(chunk))
             run(chunk)
         except torch.OutOfMemoryError:
             if size == 1:

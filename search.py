@@ -38,7 +38,7 @@ import bwr
 import merge
 import optimizers
 from data.schema import EVAL_TYPES
-from workers import LocalPool, WorkerError, atomic_write_text, sync_filesystem
+from workers import LocalPool, WorkerError, atomic_write_text, describe_task, sync_filesystem
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STATE_VERSION = 1
@@ -708,6 +708,8 @@ class Search:
         with tqdm(total=len(tasks), desc=description, leave=False, disable=not sys.stderr.isatty()) as bar:
             def on_result(index, result):
                 bar.update(1)
+                for warning in result.get("warnings", ()):  # logged in the worker, which never writes log.txt
+                    self.log(f"{describe_task(tasks[index])}: warning: {warning}")
                 crash_point("evaluation")  # the other workers are still merging and evaluating
             return self.pool.run(tasks, on_result=on_result)
 
@@ -895,11 +897,10 @@ class Search:
             indices.append(i)
         # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
-        accepted, rejected_nan = 0, 0
+        accepted = 0
         for i, result in zip(indices, results):
             c = s["candidates"][i]
             if result.get("rejected") or math.isnan(result["utility"]):
-                rejected_nan += 1
                 self.log(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
                          f"it keeps its weights")
             if result["accepted"]:

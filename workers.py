@@ -26,6 +26,7 @@ A result is {"utility": float, "accepted": bool, "details": {...}, "timing": {..
 """
 
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -82,6 +83,16 @@ class TaskRunner:
         atomic_write_text(path, text)
 
     def run(self, task):
+        """Result of one task. Warnings our modules log while it runs (a batch halved after out-of-memory, items
+        Perspective left unscored, unparseable judge replies) travel back in result["warnings"]: the driver writes
+        them to log.txt, which a worker process never writes to."""
+        with CollectedWarnings() as warned:
+            result = self._run(task)
+        if warned.messages:
+            result["warnings"] = warned.messages
+        return result
+
+    def _run(self, task):
         op = task["op"]
         if op == "candidate":
             return self.candidate(task)
@@ -165,6 +176,25 @@ class TaskRunner:
         if task.get("details_to"):
             self.write_text(task["details_to"], json.dumps(details))
         return {"utility": utility, "accepted": True, "details": details, "timing": _eval_timing(details, seconds)}
+
+
+class CollectedWarnings(logging.Handler):
+    """Collects the WARNING records of the "bwr" loggers (evaluate.py's "bwr.evaluate") while it is installed.
+    Records it handles do not also reach logging's last-resort handler (stderr)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("bwr").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("bwr").removeHandler(self)
 
 
 def _on_disk(source):
@@ -411,15 +441,15 @@ class LocalPool:
                     process.join(1)
                     cause = _exit_cause(process.exitcode)
                     if attempts[index] >= 2:
-                        raise WorkerError(f"worker on device {self.devices[slot]} died twice on {_describe(tasks[index])}"
+                        raise WorkerError(f"worker on device {self.devices[slot]} died twice on {describe_task(tasks[index])}"
                                           f" ({cause})")
-                    self.log(f"worker on device {self.devices[slot]} died on {_describe(tasks[index])} ({cause}); "
+                    self.log(f"worker on device {self.devices[slot]} died on {describe_task(tasks[index])} ({cause}); "
                              f"restarting it and retrying once")
                     self._restart(slot)
                     pending.append(index)
                     continue
                 if "error" in message:
-                    raise WorkerError(f"{_describe(tasks[index])} on device {self.devices[slot]} failed: "
+                    raise WorkerError(f"{describe_task(tasks[index])} on device {self.devices[slot]} failed: "
                                       f"{message['error']}")
                 results[index] = message
                 if on_result is not None:
@@ -447,7 +477,7 @@ class LocalPool:
         self.workers = [None] * len(self.devices)
 
 
-def _describe(task):
+def describe_task(task):
     if task["op"] == "candidate":
         return f"candidate {task.get('name', '?')}"
     if task["op"] == "evaluate":
@@ -765,17 +795,17 @@ class RayPool:
                     cause = _ray_cause(e)
                     if attempts[index] >= 2:
                         raise WorkerError(f"worker on device {self.devices[slot]} died twice on "
-                                          f"{_describe(tasks[index])} ({cause})") from None
-                    self.log(f"worker on device {self.devices[slot]} died on {_describe(tasks[index])} ({cause}); "
+                                          f"{describe_task(tasks[index])} ({cause})") from None
+                    self.log(f"worker on device {self.devices[slot]} died on {describe_task(tasks[index])} ({cause}); "
                              f"restarting it and retrying once")
                     self._restart(slot)
                     pending.append(index)
                     continue
                 except ray.exceptions.RayError as e:
-                    raise WorkerError(f"{_describe(tasks[index])} on device {self.devices[slot]} failed: "
+                    raise WorkerError(f"{describe_task(tasks[index])} on device {self.devices[slot]} failed: "
                                       f"{_ray_cause(e)}") from None
                 if "error" in message:
-                    raise WorkerError(f"{_describe(tasks[index])} on device {self.devices[slot]} failed: "
+                    raise WorkerError(f"{describe_task(tasks[index])} on device {self.devices[slot]} failed: "
                                       f"{message['error']}")
                 self._deliver(tasks[index], message, outputs)
                 results[index] = message

@@ -393,13 +393,14 @@ def test_signal_mid_search_saves_state_and_resumes_bit_for_bit(reference, tmp_pa
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **QUIET_ENV},
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:
-        log = os.path.join(tmp_path, os.listdir(tmp_path)[0], "log.txt") if os.listdir(tmp_path) else None
-        if log and os.path.exists(log) and "starting best" in open(log).read():
+    # wait (bounded) until an iteration after the initial population runs: its staging folder .staging/<k>/ exists
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        staging = [os.path.join(tmp_path, name, ".staging") for name in os.listdir(tmp_path)]
+        if any(os.path.isdir(os.path.join(folder, k)) for folder in staging for k in ("1", "2")):
             break
-        time.sleep(0.1)
-    time.sleep(1.0)  # into iteration 1's evaluations
+        time.sleep(0.05)
+    assert proc.poll() is None, "the search ended before its first iteration ran"
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + signum, stderr
@@ -412,6 +413,20 @@ def test_signal_mid_search_saves_state_and_resumes_bit_for_bit(reference, tmp_pa
     resumed = resume(directory)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(reference, directory)
+
+
+def test_worker_warnings_reach_the_log(tiny, data, tmp_path):
+    """A warning logged inside a worker (the batch halving after a CUDA out-of-memory error, injected with
+    BWR_OOM_ABOVE where a device short of memory would raise it) is written to log.txt, naming its task, and not
+    to the worker's stderr."""
+    proc = run_search(tmp_path, "-m", "1", "-p", "5", "--batch_size", "8", env={**QUIET_ENV, "BWR_OOM_ABOVE": "2"})
+    log = open(os.path.join(only_dir(tmp_path), "log.txt")).read()
+    halved = [line for line in log.splitlines() if "warning: CUDA out of memory on cpu" in line]
+    # each worker halves once to 4 and once to 2, on its first task, then keeps batches of 2
+    assert halved and len(halved) % 2 == 0, log
+    assert sum(line.endswith("batch size lowered to 4") for line in halved) == len(halved) // 2, halved
+    assert all(": warning: " in line and "candidate candidate_" in line for line in halved), halved
+    assert "out of memory" not in proc.stderr  # the terminal gets it as a log.txt line (stdout), not from the worker
 
 
 # --- 6. a full disk mid-search: one line naming the path, state consistent, nothing left, resume completes --------
