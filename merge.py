@@ -28,14 +28,14 @@ import os
 import re
 import shutil
 import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+import fileio
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -571,51 +571,11 @@ def merge_state_dicts(states, weights, method="weighted_average", params=None, n
 
 # ----------------------------------------------------------------------------- I/O
 
-def _fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_dir(path, durable=True):
-    """Yield a temp dir next to ``path``; on success it becomes ``path`` (replacing an old one).
-
-    Files are fsynced before the rename and the parent after it, so a crash leaves either
-    the old folder or the complete new one. Linux cannot atomically swap two non-empty
-    folders, so an existing folder is first moved aside and restored if the second rename fails.
-    durable=False leaves out the fsyncs, for a caller that syncs the folder itself later.
-    """
-    path = os.path.abspath(os.fspath(path))
-    parent, base = os.path.split(path)
+def _output_dir(path, durable=True):
+    """fileio.atomic_dir for an output folder of merge.py: refuses a path that is a file."""
     if os.path.exists(path) and not os.path.isdir(path):
-        raise MergeError(f"output {path!r} exists and is not a folder")
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
-    try:
-        yield tmp
-        if durable:
-            for name in os.listdir(tmp):
-                _fsync_path(os.path.join(tmp, name))
-            _fsync_path(tmp)
-        if os.path.isdir(path):
-            old = os.path.join(parent, f".{base}.old-{uuid.uuid4().hex}")
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-        if durable:
-            _fsync_path(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise MergeError(f"output {os.path.abspath(os.fspath(path))!r} exists and is not a folder")
+    return fileio.atomic_dir(path, durable)
 
 
 def _read_json(path, what):
@@ -668,7 +628,7 @@ def save_adapter(path, state, config, durable=True):
     if not isinstance(config, dict):
         raise MergeError(f"adapter config for {os.fspath(path)!r} must be a dict, got {type(config).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    with _atomic_dir(path, durable) as tmp:
+    with _output_dir(path, durable) as tmp:
         try:
             save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
@@ -771,7 +731,7 @@ def _merge_checkpoints(weights, paths, output, device, method, params, seed, lab
         for key in ref_map:
             shards.setdefault(ref_map[key], []).append(key)
         total = 0
-        with _atomic_dir(output) as tmp:
+        with _output_dir(output) as tmp:
             for fname in sorted(shards):
                 merged = {}
                 for key in shards[fname]:

@@ -38,7 +38,8 @@ import bwr
 import merge
 import optimizers
 from data.schema import EVAL_TYPES
-from workers import LocalPool, WorkerError, atomic_write_text, describe_task, sync_filesystem
+from fileio import apply_moves, atomic_write, atomic_write_text, link_tree, sync_filesystem
+from workers import LocalPool, WorkerError, describe_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STATE_VERSION = 1
@@ -547,21 +548,6 @@ def read_json_object(path):
     return value, None
 
 
-def apply_moves(moves, discard=shutil.rmtree):
-    """Redo log of a commit: each move replaces a folder. Idempotent, so a commit cut short is finished on resume.
-    discard(path) disposes of a replaced folder: deleted at once by default, or handed to a Trash."""
-    for src, dst in moves:
-        old = dst + ".old"
-        if os.path.exists(src):
-            if os.path.exists(dst):
-                if os.path.exists(old):
-                    discard(old)
-                os.replace(dst, old)
-            os.replace(src, dst)
-        if os.path.exists(old):
-            discard(old)
-
-
 class Trash:
     """Folders the search no longer needs (replaced candidates, spent staging folders) are renamed into
     <search dir>/.trash/ at once and deleted by a background thread, overlapping the next iteration's forward
@@ -601,18 +587,6 @@ class Trash:
         if thread is not None:
             thread.join()
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def link_tree(src, dst, ignore=None):
-    """dst: a new folder of hard links to src's files, O(1) whatever the model size. Sharing files is safe because
-    nothing in a search directory is modified in place: every write is a new file or folder renamed over the old
-    one, so replacing candidate_i/ later leaves global_best/'s files as they were. Copies where links fail (a
-    filesystem without hard links)."""
-    try:
-        shutil.copytree(src, dst, copy_function=os.link, ignore=ignore)
-    except OSError:
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst, ignore=ignore)
 
 
 def new_search_dir(root, name):
@@ -1400,16 +1374,10 @@ def plot(state, directory, to_visualize):
 
 
 def save_figure(fig, path):
-    """Like the atomic text writes: a temporary file renamed into place, removed when the write fails."""
+    """Written as every file of a search directory is: a temporary file renamed into place."""
     import matplotlib.pyplot as plt
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        fig.savefig(tmp, dpi=120, format="png")
-        os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(e.errno, e.strerror or str(e), path) from None
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), durable=False)
     finally:
         plt.close(fig)
 

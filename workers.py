@@ -30,9 +30,13 @@ import logging
 import math
 import multiprocessing as mp
 import os
+import shutil
 import time
 import traceback
 import warnings
+
+import fileio
+from fileio import atomic_write_text
 
 
 class WorkerError(RuntimeError):
@@ -157,9 +161,9 @@ class TaskRunner:
                     path, version = task["cache_as"]
                     self.adapters.setdefault(path, {})[version] = (model, adapter_config)
             else:
-                _replace_dir(model, task["save_to"])
+                fileio.replace_dir(model, task["save_to"])
         elif not isinstance(model, dict):
-            _remove_dir(model)
+            shutil.rmtree(model, ignore_errors=True)
         timing["write"] = time.perf_counter() - start
         result = {"utility": utility, "accepted": accepted, "details": details, "timing": timing}
         if projection is not None:
@@ -229,77 +233,6 @@ def _eval_timing(details, seconds):
     forward = float(details.get("forward_seconds", 0.0)) if isinstance(details, dict) else 0.0
     swap = float(details.get("swap_seconds", 0.0)) if isinstance(details, dict) else 0.0
     return {"forward": forward, "swap": swap, "evaluate_other": max(seconds - forward - swap, 0.0)}
-
-
-def _replace_dir(src, dst):
-    old = dst + ".old"
-    if os.path.exists(dst):
-        os.replace(dst, old)
-    os.replace(src, dst)
-    _remove_dir(old)
-
-
-def _remove_dir(path):
-    import shutil
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def atomic_write_text(path, text, durable=True):
-    """Write a file so that a kill at any instant leaves either the old or the new content, never a torn one.
-    durable=False skips the two fsyncs, for files derived from others that are rewritten anyway: a process kill
-    still leaves old or new content; a power cut may leave the old one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        # a full disk (or a file size limit): no temporary file left behind, and the error names the file
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise OSError(e.errno, e.strerror or str(e), path) from None
-    if durable:
-        fsync_path(directory)  # make the rename itself durable
-
-
-def fsync_path(path):
-    fd = os.open(path, os.O_RDONLY)  # files and folders alike
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path):
-    """fsync every file and folder under path, and path itself."""
-    for root, _, files in os.walk(path, topdown=False):
-        for name in files:
-            fsync_path(os.path.join(root, name))
-        fsync_path(root)
-
-
-def sync_filesystem(path):
-    """Make everything written so far on path's filesystem durable, path's own entry included: one syncfs(2) where
-    the system has it (Linux), else fsync_tree(path) and its parent folder. One syncfs costs about one device flush
-    (2-4 ms on the development machine), an fsync per file one flush each (65-80 ms for six staged adapters)."""
-    import ctypes
-    try:
-        syncfs = ctypes.CDLL(None, use_errno=True).syncfs
-    except (OSError, AttributeError):
-        fsync_tree(path)
-        fsync_path(os.path.dirname(os.path.abspath(path)))
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if syncfs(fd) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"syncfs: {os.strerror(errno)}", path)
-    finally:
-        os.close(fd)
 
 
 def _worker_main(device, config, conn):
