@@ -39,7 +39,7 @@ import merge
 import optimizers
 from data.schema import EVAL_TYPES
 from fileio import apply_moves, atomic_write, atomic_write_text, link_tree, sync_filesystem
-from workers import LocalPool, WorkerError, describe_task
+from workers import CandidateTask, EvaluateTask, LocalPool, Source, WorkerError, describe_task
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STATE_VERSION = 1
@@ -640,14 +640,29 @@ class Search:
         return os.path.join(self.dir, f"candidate_{i}")
 
     def source(self, i):
-        return [self.cand(i), self.state["candidates"][i]["version"]]
+        return Source(self.cand(i), self.state["candidates"][i]["version"])
 
     def staged_source(self, i):
         """Member i as it stands mid-iteration: an update accepted in this iteration is on disk in the staging folder
         until the commit. A worker that did not compute it would otherwise read candidate_i/'s previous weights
         under the new version (and keep them cached)."""
         staged = os.path.join(self.staging, f"candidate_{i}")
-        return self.source(i) + ([staged] if os.path.exists(staged) else [])
+        return self.source(i)._replace(read_from=staged) if os.path.exists(staged) else self.source(i)
+
+    def expert_sources(self):
+        return [Source(os.path.abspath(p), 0) for p in self.args.experts]
+
+    def candidate_task(self, i, sources, update, version, accept_if_above=None, restart=False, merge_method=None):
+        """The one place a candidate task is built: member i's next version (cached by the workers as version),
+        staged until the commit; a restart is staged beside the iteration's update, which it replaces only once
+        accepted. A NaN threshold is none: any non-NaN utility is accepted."""
+        suffix = ".restart" if restart else ""
+        if accept_if_above is not None and math.isnan(accept_if_above):
+            accept_if_above = None
+        return CandidateTask(name=f"candidate_{i}" + (" (restart)" if restart else ""), sources=tuple(sources),
+                             update=update, split="dev", accept_if_above=accept_if_above,
+                             save_to=os.path.join(self.staging, f"candidate_{i}{suffix}"),
+                             cache_as=(self.cand(i), version), merge_method=merge_method)
 
     def worker_config(self):
         a = self.args
@@ -743,15 +758,11 @@ class Search:
             for parent, w in zip(recipe["parents"], recipe["weights"]):
                 weights[parent] += w
             coefficients.append(weights)
-            tasks.append({"op": "candidate", "name": f"candidate_{i}",
-                          "sources": [[os.path.abspath(p), 0] for p in experts],
-                          "update": {"kind": "combine", "weights": weights}, "split": "dev",
-                          "accept_if_above": None, "save_to": os.path.join(self.staging, f"candidate_{i}"),
-                          "cache_as": [self.cand(i), 0]})
-            if len(recipe["parents"]) == 1:
-                # an initial expert is scored as it is: ties or dare would change even a lone expert of weight 1
-                # (trim, rescale, drop), and starting_best_* must describe the experts the user gave
-                tasks[-1]["merge_method"] = "weighted_average"
+            # an initial expert is scored as it is: ties or dare would change even a lone expert of weight 1
+            # (trim, rescale, drop), and starting_best_* must describe the experts the user gave
+            lone = len(recipe["parents"]) == 1
+            tasks.append(self.candidate_task(i, self.expert_sources(), {"kind": "combine", "weights": weights}, 0,
+                                             merge_method="weighted_average" if lone else None))
         self.log(f"initialising {size} candidates from {len(experts)} experts")
         results = self.run_tasks(tasks, "initial evaluation")
         candidates = []
@@ -781,8 +792,7 @@ class Search:
         self.state["starting_details"] = {"dev": compact_details([r.get("details") for r in results]), "test": None}
         # the best initial expert's test accuracy is the baseline the search has to beat
         test_targets = range(len(candidates)) if a.starting_test_set_eval else [start]
-        test_tasks = [{"op": "evaluate", "path": os.path.join(self.staging, f"candidate_{i}"), "version": 0,
-                       "split": "test", "details_to": None} for i in test_targets]
+        test_tasks = [EvaluateTask(os.path.join(self.staging, f"candidate_{i}"), 0, "test") for i in test_targets]
         test_results = self.run_tasks(test_tasks, "starting test evaluation")
         for i, result in zip(test_targets, test_results):
             candidates[i]["starting_test_utility"] = result["utility"]
@@ -855,7 +865,7 @@ class Search:
         if opt.over == "population":
             sources = [self.source(j) for j in range(n)]
         else:
-            sources = [[os.path.abspath(p), 0] for p in a.experts]
+            sources = self.expert_sources()
         tasks, indices = [], []
         for i in range(n):
             skip = rng.random() < a.dropN if a.dropN > 0 else False
@@ -863,11 +873,7 @@ class Search:
             if skip or skip_iteration or (budget is not None and len(tasks) >= budget):
                 continue
             threshold = s["candidates"][i]["utility"] if opt.greedy else None
-            if threshold is not None and math.isnan(threshold):
-                threshold = None
-            tasks.append({"op": "candidate", "name": f"candidate_{i}", "sources": sources,
-                          "update": update, "split": "dev", "accept_if_above": threshold,
-                          "save_to": os.path.join(self.staging, f"candidate_{i}"), "cache_as": [self.cand(i), k]})
+            tasks.append(self.candidate_task(i, sources, update, k, accept_if_above=threshold))
             indices.append(i)
         # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
@@ -901,7 +907,7 @@ class Search:
             stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
             if budget is not None:  # the budget cuts restarts too (the strays past it are left as they are)
                 stray = stray[:max(budget - len(tasks), 0)]
-            restart_sources = [self.staged_source(j) for j in range(n)] + [[os.path.abspath(p), 0] for p in a.experts]
+            restart_sources = [self.staged_source(j) for j in range(n)] + self.expert_sources()
             restart_tasks = []
             for i in stray:
                 # a fresh start near the population's best: crossover of the best candidate and a random expert
@@ -910,12 +916,9 @@ class Search:
                 # compares a restart with the original like any update): a restart never erases a better record.
                 # Staged beside this iteration's update, which it replaces only once accepted; a version of its own:
                 # a worker may hold that update as version k
-                old = s["candidates"][i]["utility"]
-                restart_tasks.append({"op": "candidate", "name": f"candidate_{i} (restart)", "sources": restart_sources,
-                                      "update": {"kind": "combine", "weights": weights}, "split": "dev",
-                                      "accept_if_above": None if math.isnan(old) else old,
-                                      "save_to": os.path.join(self.staging, f"candidate_{i}.restart"),
-                                      "cache_as": [self.cand(i), k + 0.5]})
+                restart_tasks.append(self.candidate_task(i, restart_sources, {"kind": "combine", "weights": weights},
+                                                         k + 0.5, accept_if_above=s["candidates"][i]["utility"],
+                                                         restart=True))
             if restart_tasks:
                 restart_results = self.run_tasks(restart_tasks, f"iteration {k} restarts")
                 for i, result in zip(stray, restart_results):
@@ -988,14 +991,13 @@ class Search:
             # the published clean-up removes worst/ (global_worst/, kept up to date by every commit)
             shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
         self.log("final evaluation of every candidate and the global best on the test and dev sets")
-        tasks = [{"op": "evaluate", "path": self.cand(i), "version": s["candidates"][i]["version"], "split": split,
-                  "details_to": os.path.join(self.cand(i), f"golds_preds_{split}.json")}
+        tasks = [EvaluateTask(self.cand(i), s["candidates"][i]["version"], split,
+                              os.path.join(self.cand(i), f"golds_preds_{split}.json"))
                  for split in ("test", "dev") for i in range(n)]
         best_dir = os.path.join(self.dir, "global_best")
-        tasks.append({"op": "evaluate", "path": best_dir, "version": s["best"]["iteration"], "split": "dev",
-                      "details_to": os.path.join(best_dir, "golds_preds_dev.json")})
-        tasks.append({"op": "evaluate", "path": best_dir, "version": s["best"]["iteration"], "split": "test",
-                      "details_to": os.path.join(best_dir, "golds_preds_test.json")})
+        # global_best/ changes only at commits: the iteration that wrote it is its version
+        tasks += [EvaluateTask(best_dir, s["best"]["iteration"], split, os.path.join(best_dir, f"golds_preds_{split}.json"))
+                  for split in ("dev", "test")]
         results = self.run_tasks(tasks, "final evaluation")
         test, dev = results[:n], results[n:2 * n]
         best_dev, best_test = results[2 * n], results[2 * n + 1]

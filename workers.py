@@ -8,19 +8,11 @@ merges in memory plus forward passes.
 The interface another executor implements (see RayPool) is small:
 
     pool = LocalPool(devices, config)     # starts the workers
-    results = pool.run(tasks)             # list[dict] -> list[dict], same order
+    results = pool.run(tasks)             # list[CandidateTask | EvaluateTask] -> list[dict], same order
     pool.close()
 
-A task is a plain dict (so it crosses process and machine boundaries unchanged):
-
-    {"op": "candidate", "sources": [[path, version], ...], "update": {...bwr.apply_update update...},
-     "split": "dev", "accept_if_above": float | None, "save_to": path | None}
-        build a candidate from population members, evaluate it, and write it to save_to only if it is accepted
-        (a source [path, version, read_from] is that version of path, on disk in read_from until it is committed)
-        (bwr.accept: utility > accept_if_above, or any non-NaN utility when that is None). save_to is written
-        without fsync: the caller makes it durable (search.py syncs its staging folder before it commits).
-    {"op": "evaluate", "path": path, "version": v, "split": "dev" | "test", "details_to": path | None}
-        evaluate a saved candidate; write per-item results as JSON to details_to.
+A task is a small frozen dataclass (below: Source, CandidateTask, EvaluateTask); it pickles unchanged across
+process and machine boundaries. search.py builds them in one place (Search.candidate_task, Search.evaluate_task).
 
 A result is {"utility": float, "accepted": bool, "details": {...}, "timing": {...}} or {"error": str}.
 """
@@ -34,6 +26,8 @@ import shutil
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import fileio
 from fileio import atomic_write_text
@@ -41,6 +35,52 @@ from fileio import atomic_write_text
 
 class WorkerError(RuntimeError):
     """A worker died twice on the same task, or a task raised."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tasks: what the driver sends to a worker.
+
+class Source(NamedTuple):
+    """One adapter (or full model) a candidate is merged from: path at version. Versions of a path only grow; a
+    worker caches adapters by (path, version). read_from: the folder holding that version while path still holds
+    the previous one (an update accepted in the current iteration stays in the staging folder until the commit)."""
+    path: str
+    version: int | None
+    read_from: str | None = None
+
+
+@dataclass(frozen=True)
+class CandidateTask:
+    """Build a candidate from sources with update (bwr.apply_update's {"kind": "combine"|"bounds", ...}), evaluate
+    it on split, and write it to save_to only if it is accepted (bwr.accept: utility > accept_if_above, or any
+    non-NaN utility when that is None). save_to is written without fsync: the driver syncs its staging folder
+    before it commits. An accepted candidate stays in the worker's adapter cache as cache_as = (path, version), the
+    member's next version. merge_method, when given, replaces the search's (the initial experts are taken as they
+    are, with weighted_average)."""
+    name: str
+    sources: tuple[Source, ...]
+    update: dict
+    split: str = "dev"
+    accept_if_above: float | None = None
+    save_to: str | None = None
+    cache_as: tuple[str, int] | None = None
+    merge_method: str | None = None
+
+
+@dataclass(frozen=True)
+class EvaluateTask:
+    """Evaluate a saved candidate (adapter or full-model folder at path, version as in Source) on split; write its
+    per-item results as JSON to details_to when given."""
+    path: str
+    version: int | None
+    split: str
+    details_to: str | None = None
+
+
+def describe_task(task):
+    if isinstance(task, CandidateTask):
+        return f"candidate {task.name}"
+    return f"evaluation of {os.path.basename(task.path)} ({task.split})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,14 +137,11 @@ class TaskRunner:
         return result
 
     def _run(self, task):
-        op = task["op"]
-        if op == "candidate":
+        if isinstance(task, CandidateTask):
             return self.candidate(task)
-        if op == "evaluate":
+        if isinstance(task, EvaluateTask):
             return self.evaluate_saved(task)
-        if op == "ping":
-            return {"pid": os.getpid()}
-        raise ValueError(f"unknown task op {op!r}")
+        raise TypeError(f"unknown task {type(task).__name__}")
 
     def _evaluate(self, model, split):
         import evaluate
@@ -121,13 +158,13 @@ class TaskRunner:
         timing = {}
         start = time.perf_counter()
         # a task may name its own method: the initial experts are taken as they are (weighted_average, weight 1)
-        method = task.get("merge_method") or self.config.get("merge_method", "weighted_average")
-        params = None if task.get("merge_method") else self.config.get("merge_params")
+        method = task.merge_method or self.config.get("merge_method", "weighted_average")
+        params = None if task.merge_method else self.config.get("merge_params")
         if self.config.get("fast_merge", 1):
-            sources, update = _used_sources(task["sources"], task["update"], method)
+            sources, update = _used_sources(task.sources, task.update, method)
             loaded = [self.load(*source) for source in sources]
             states = [state for state, _ in loaded]
-            names = [os.path.basename(source[0]) for source in sources]
+            names = [os.path.basename(source.path) for source in sources]
             try:
                 state = bwr.apply_update(update, states, method, params, names)
             except merge.NonFiniteMergeError as e:
@@ -136,32 +173,33 @@ class TaskRunner:
             model, adapter_config = state, loaded[0][1]
         else:
             # full models (--fast_merge 0): merged shard by shard on disk, evaluated from the folder
-            update = task["update"]
+            update = task.update
             if update["kind"] != "combine":
                 raise ValueError("--reset_mode bounds needs adapters (--fast_merge 1)")
-            used = [(w, _on_disk(source)) for w, source in zip(update["weights"], task["sources"]) if w != 0.0]
-            tmp = task["save_to"] + ".merging"
+            used = [(w, source.read_from or source.path) for w, source in zip(update["weights"], task.sources)
+                    if w != 0.0]
+            tmp = task.save_to + ".merging"
             merge.lora_merge([w for w, _ in used], [p for _, p in used], tmp, self.device, directly_load_safetensors=0,
                              merge_method=method, merge_params=params, seed=update.get("seed", 0))
             model, adapter_config = tmp, None
         timing["merge"] = time.perf_counter() - start
 
         utility, details, seconds = self._evaluate((model, adapter_config) if isinstance(model, dict) else model,
-                                                task.get("split", "dev"))
+                                                task.split)
         timing.update(_eval_timing(details, seconds))
         projection = project(model) if self.config.get("to_visualize") and isinstance(model, dict) else None
-        threshold = task.get("accept_if_above")
+        threshold = task.accept_if_above
         accepted = bwr.accept(math.nan if threshold is None else threshold, utility, greedy=threshold is not None)
         start = time.perf_counter()
-        if accepted and task.get("save_to"):
+        if accepted and task.save_to:
             if isinstance(model, dict):
-                self.save_adapter(task["save_to"], model, adapter_config)
+                self.save_adapter(task.save_to, model, adapter_config)
                 # the accepted candidate is the next version of that member: keep it, saving a re-read next time
-                if task.get("cache_as"):
-                    path, version = task["cache_as"]
+                if task.cache_as:
+                    path, version = task.cache_as
                     self.adapters.setdefault(path, {})[version] = (model, adapter_config)
             else:
-                fileio.replace_dir(model, task["save_to"])
+                fileio.replace_dir(model, task.save_to)
         elif not isinstance(model, dict):
             shutil.rmtree(model, ignore_errors=True)
         timing["write"] = time.perf_counter() - start
@@ -171,14 +209,14 @@ class TaskRunner:
         return result
 
     def evaluate_saved(self, task):
-        path = task["path"]
+        path = task.path
         if self.is_adapter(path):
-            model = self.load(path, task.get("version"))
+            model = self.load(path, task.version)
         else:
             model = path
-        utility, details, seconds = self._evaluate(model, task["split"])
-        if task.get("details_to"):
-            self.write_text(task["details_to"], json.dumps(details))
+        utility, details, seconds = self._evaluate(model, task.split)
+        if task.details_to:
+            self.write_text(task.details_to, json.dumps(details))
         return {"utility": utility, "accepted": True, "details": details, "timing": _eval_timing(details, seconds)}
 
 
@@ -199,11 +237,6 @@ class CollectedWarnings(logging.Handler):
 
     def __exit__(self, *exc):
         logging.getLogger("bwr").removeHandler(self)
-
-
-def _on_disk(source):
-    """The folder that holds a source's version now: read_from when given, else its path."""
-    return source[2] if len(source) > 2 else source[0]
 
 
 def _used_sources(sources, update, method):
@@ -410,14 +443,6 @@ class LocalPool:
         self.workers = [None] * len(self.devices)
 
 
-def describe_task(task):
-    if task["op"] == "candidate":
-        return f"candidate {task.get('name', '?')}"
-    if task["op"] == "evaluate":
-        return f"evaluation of {os.path.basename(task['path'])} ({task['split']})"
-    return task["op"]
-
-
 def _exit_cause(exitcode):
     import signal
     if exitcode is None:
@@ -479,7 +504,7 @@ class _ShippedRunner(TaskRunner):
             result = self.run(task)
         finally:
             self.refs = {}
-            # TaskRunner keeps accepted candidates under task["cache_as"]; here the driver's references are the
+            # TaskRunner keeps accepted candidates under task.cache_as; here the driver's references are the
             # cache, so that copy would only hold memory
             self.adapters.clear()
         return result, self.outputs
@@ -672,28 +697,28 @@ class RayPool:
 
     def _shipped(self, task):
         """[path, version, reference] of every adapter the task reads; full-model paths stay paths."""
-        if task["op"] == "candidate" and self.config.get("fast_merge", 1):
-            method = self.config.get("merge_method", "weighted_average")
-            sources, _ = _used_sources(task["sources"], task["update"], method)
-            return [[source[0], source[1], self._ref(*source)] for source in sources]
-        if task["op"] == "evaluate" and os.path.exists(os.path.join(task["path"], "adapter_config.json")):
-            return [[task["path"], task.get("version"), self._ref(task["path"], task.get("version"))]]
+        if isinstance(task, CandidateTask) and self.config.get("fast_merge", 1):
+            method = task.merge_method or self.config.get("merge_method", "weighted_average")
+            sources, _ = _used_sources(task.sources, task.update, method)
+            return [[source.path, source.version, self._ref(*source)] for source in sources]
+        if isinstance(task, EvaluateTask) and os.path.exists(os.path.join(task.path, "adapter_config.json")):
+            return [[task.path, task.version, self._ref(task.path, task.version)]]
         return []
 
     def _deliver(self, task, result, outputs):
         """Write what a local worker would have written, on the driver's filesystem."""
         import merge
         start = time.perf_counter()
-        if "adapter" in outputs and task.get("save_to"):
+        if "adapter" in outputs and task.save_to:
             state, adapter_config = outputs["adapter"]
-            merge.save_adapter(task["save_to"], state, adapter_config, durable=False)  # synced at the commit
-            if task.get("cache_as"):
-                path, version = task["cache_as"]
+            merge.save_adapter(task.save_to, state, adapter_config, durable=False)  # synced at the commit
+            if task.cache_as:
+                path, version = task.cache_as
                 # the accepted candidate is that member's next version; put from the driver, so that it outlives
                 # the node that computed it
                 self.store.setdefault(path, {})[version] = (self.ray.put((state, adapter_config)), False)
-        if "text" in outputs and task.get("details_to"):
-            atomic_write_text(task["details_to"], outputs["text"])
+        if "text" in outputs and task.details_to:
+            atomic_write_text(task.details_to, outputs["text"])
         timing = result.setdefault("timing", {})
         timing["write"] = timing.get("write", 0.0) + time.perf_counter() - start
 
@@ -767,15 +792,13 @@ class RayPool:
 def _absolute_paths(task):
     """The task with its paths made absolute: they name the adapters in the object store, and full-model paths
     are opened by actors whose working directory is not the driver's (Ray unpacks the code elsewhere)."""
-    task = dict(task)
-    if "sources" in task:
-        task["sources"] = [[os.path.abspath(s[0]), s[1], *map(os.path.abspath, s[2:])] for s in task["sources"]]
-    if task.get("cache_as"):
-        task["cache_as"] = [os.path.abspath(task["cache_as"][0]), task["cache_as"][1]]
-    for key in ("path", "save_to", "details_to"):
-        if task.get(key):
-            task[key] = os.path.abspath(task[key])
-    return task
+    def absolute(path):
+        return path and os.path.abspath(path)
+    if isinstance(task, EvaluateTask):
+        return replace(task, path=absolute(task.path), details_to=absolute(task.details_to))
+    return replace(task, sources=tuple(Source(absolute(s.path), s.version, absolute(s.read_from)) for s in task.sources),
+                   save_to=absolute(task.save_to),
+                   cache_as=task.cache_as and (absolute(task.cache_as[0]), task.cache_as[1]))
 
 
 def _resolves_to_new_instance(address):

@@ -155,7 +155,7 @@ def main():
     import bwr
     import evaluate as ev
     import numpy as np
-    from workers import TaskRunner
+    from workers import CandidateTask, Source, TaskRunner
     gpu = "cpu" if args.gpu == "cpu" else int(args.gpu) if args.gpu.isdigit() else args.gpu
     try:
         device = ev.resolve_device(gpu)
@@ -201,8 +201,7 @@ def main():
 
         def task(i):
             update = bwr.bwr_update(i, 0, n - 1, n, 1.0, rng)
-            return {"op": "candidate", "name": f"candidate_{i}", "sources": [[p, 0] for p in adapters],
-                    "update": update, "split": "dev", "accept_if_above": None, "save_to": None}
+            return CandidateTask(f"candidate_{i}", tuple(Source(p, 0) for p in adapters), update)
 
         runner.run(task(0))  # warm-up: reads the adapters, builds the LoRA slot, first kernels
         walls, parts = [], []

@@ -3,6 +3,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -433,19 +434,19 @@ def test_nonfinite_results_are_errors():
 def test_worker_rejects_a_nonfinite_candidate_and_stops_on_other_merge_errors(tiny, tmp_path):
     """The search worker tells the two apart by exception type: a NaN merge is a rejected candidate, a bad
     parameter is an error."""
-    from workers import TaskRunner
+    from workers import CandidateTask, Source, TaskRunner
 
     state, config = load_adapter(tiny["adapters"][0])
     nan_state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}
     save_adapter(tmp_path / "nan", nan_state, config)
-    task = {"op": "candidate", "sources": [[str(tiny["adapters"][0]), 0], [str(tmp_path / "nan"), 0]],
-            "update": {"kind": "combine", "weights": [0.5, 0.5]}, "split": "dev", "save_to": str(tmp_path / "out")}
+    task = CandidateTask("candidate_0", (Source(str(tiny["adapters"][0]), 0), Source(str(tmp_path / "nan"), 0)),
+                         {"kind": "combine", "weights": [0.5, 0.5]}, save_to=str(tmp_path / "out"))
     result = TaskRunner("cpu", {"fast_merge": 1, "merge_method": "weighted_average", "merge_params": {}}).run(task)
     assert result["accepted"] is False and math.isnan(result["utility"]) and "not finite" in result["rejected"]
     assert not (tmp_path / "out").exists()
     runner = TaskRunner("cpu", {"fast_merge": 1, "merge_method": "task_arithmetic", "merge_params": {"base_model_idx": 5}})
     with pytest.raises(MergeError, match="base_model_idx 5 is out of range"):
-        runner.run(dict(task, sources=task["sources"][:1] * 2))
+        runner.run(replace(task, sources=task.sources[:1] * 2))
 
 
 def test_every_method_runs_on_real_adapters(tiny):

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
@@ -33,17 +34,16 @@ def test_equal_score_keeps_the_current_model(tiny, data):
     """A worker keeps an update only if it scores strictly above accept_if_above: the same model re-proposed at
     its own utility is not accepted (it was, with >=)."""
     import evaluate
-    from workers import TaskRunner
+    from workers import CandidateTask, Source, TaskRunner
     expert = sorted(os.listdir(tiny.experts))[0]
     runner = TaskRunner("cpu", {"base_model": str(tiny.base), "eval_type": "exact_match", "dataset": "tiny_demo",
                                 "evaluate_options": {"data_dir": str(data)}, "torch_threads": 1})
-    task = {"op": "candidate", "sources": [[str(tiny.experts / expert), 0]], "split": "dev",
-            "update": {"kind": "combine", "weights": [1.0]}, "accept_if_above": None, "save_to": None}
+    task = CandidateTask("candidate_0", (Source(str(tiny.experts / expert), 0),), {"kind": "combine", "weights": [1.0]})
     first = runner.run(task)
     assert first["accepted"]
-    again = runner.run({**task, "accept_if_above": first["utility"]})
+    again = runner.run(replace(task, accept_if_above=first["utility"]))
     assert again["utility"] == first["utility"] and not again["accepted"]
-    assert runner.run({**task, "accept_if_above": first["utility"] - 0.01})["accepted"]
+    assert runner.run(replace(task, accept_if_above=first["utility"] - 0.01))["accepted"]
     evaluate.configure(reset=True)
 
 
