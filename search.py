@@ -872,8 +872,9 @@ class Search:
             update = opt.propose(i, rng)
             if skip or skip_iteration or (budget is not None and len(tasks) >= budget):
                 continue
-            threshold = s["candidates"][i]["utility"] if opt.greedy else None
-            tasks.append(self.candidate_task(i, sources, update, k, accept_if_above=threshold))
+            c = s["candidates"][i]
+            threshold = c["utility"] if opt.greedy else None
+            tasks.append(self.candidate_task(i, sources, update, c["version"] + 1, accept_if_above=threshold))
             indices.append(i)
         # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
@@ -887,7 +888,7 @@ class Search:
                 accepted += 1
                 c["stale"] = 0 if result["utility"] > c["utility"] else c["stale"] + 1
                 c["utility"] = result["utility"]
-                c["version"] = k
+                c["version"] += 1
                 if "projection" in result:
                     c["trajectory"].append(result["projection"])
             else:
@@ -914,10 +915,11 @@ class Search:
                 weights = opt.restart(i, current_best, n, len(a.experts), rng)
                 # kept only if it scores strictly better than the candidate it would replace (the published loop
                 # compares a restart with the original like any update): a restart never erases a better record.
-                # Staged beside this iteration's update, which it replaces only once accepted; a version of its own:
-                # a worker may hold that update as version k
+                # Staged beside this iteration's update, which it replaces only once accepted; the version after it
+                # (a worker may hold that update, accepted above, as the member's current version)
+                c = s["candidates"][i]
                 restart_tasks.append(self.candidate_task(i, restart_sources, {"kind": "combine", "weights": weights},
-                                                         k + 0.5, accept_if_above=s["candidates"][i]["utility"],
+                                                         c["version"] + 1, accept_if_above=c["utility"],
                                                          restart=True))
             if restart_tasks:
                 restart_results = self.run_tasks(restart_tasks, f"iteration {k} restarts")
@@ -928,7 +930,7 @@ class Search:
                         if os.path.exists(staged):
                             self.trash.put(staged)
                         os.replace(staged + ".restart", staged)
-                        c.update(utility=result["utility"], version=k + 0.5, stale=0)
+                        c.update(utility=result["utility"], version=c["version"] + 1, stale=0)
                         restarted.append(i)
                         self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
                     else:
@@ -1431,6 +1433,20 @@ def read_resume_file(directory, name):
 STATE_FIELDS = {"state_version": int, "stage": str, "iteration": int, "candidates": list}
 
 
+def upgrade_versions(state):
+    """A member's version counts the changes of its weights (0: initial; an accepted update or restart adds 1); the
+    workers cache adapters by (path, version). A state.json written before numbered them by iteration, k + 0.5 for a
+    restart in iteration k: those are doubled into integers in the same order. Resumed workers start with empty
+    caches, so only the order and the equality of best["version"] with its candidate's matter."""
+    best = state.get("best") or {}
+    if all(isinstance(v, int) for v in [c["version"] for c in state["candidates"]] + [best.get("version", 0)]):
+        return
+    for c in state["candidates"]:
+        c["version"] = int(2 * c["version"])
+    if "version" in best:
+        best["version"] = int(2 * best["version"])
+
+
 def check_state(directory, state, recorded):
     """Refuse (one line) a state.json that is not this search's, or not a state this version can continue."""
     def damaged(what):
@@ -1480,6 +1496,7 @@ def prepare(argv):
         if os.path.exists(os.path.join(directory, "state.json")):
             state = read_resume_file(directory, "state.json")
             check_state(directory, state, recorded)
+            upgrade_versions(state)
         validate_args(args)
         if state is not None:
             apply_moves(state.get("pending_moves", []))

@@ -483,7 +483,7 @@ class _ShippedRunner(TaskRunner):
         ref = self.refs.get((path, version))  # the driver read it (from read_from if need be) and shipped it
         if ref is None:
             raise RuntimeError(f"the driver did not ship adapter {path} (version {version})")
-        # keyed by object id rather than version: a restart in the same iteration re-uses the version number
+        # keyed by object id rather than version: the driver decides which object a (path, version) is
         cached = self.shipped.get(path)
         if cached is None or cached[0] != ref.hex():
             self.shipped[path] = (ref.hex(), ray.get(ref))

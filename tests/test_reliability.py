@@ -48,6 +48,26 @@ def test_sigkill_then_resume_is_bit_for_bit(reference, tmp_path, point):
     assert "resuming search" in open(os.path.join(directory, "log.txt")).read()
 
 
+def test_resume_reads_the_float_versions_of_earlier_states(reference, tmp_path):
+    """A state.json written before versions counted weight changes numbered them by iteration, k + 0.5 for a
+    restart in iteration k: such a state resumes to the same result, and its versions become integers."""
+    proc = run_search(tmp_path, *SEARCH_ARGS, env={"BWR_CRASH_AT": "before_commit:3"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    directory = only_dir(tmp_path)
+    path = os.path.join(directory, "state.json")
+    state = json.load(open(path))
+    assert state["iteration"] == 1 and any(c["version"] == 1 for c in state["candidates"])
+    for record in state["candidates"] + [state["best"]]:
+        record["version"] += 0.5 if record["version"] else 0  # as if restarted in iteration 1
+    open(path, "w").write(json.dumps(state))
+    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
+                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_result(reference, directory)
+    state = json.load(open(path))
+    assert all(type(record["version"]) is int for record in state["candidates"] + [state["best"]])
+
+
 def test_killed_worker_is_restarted_and_its_task_retried(reference, tmp_path):
     args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
