@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 
 import bwr
 import merge
@@ -198,10 +199,23 @@ def parse_devices(gpus, num_cpu_workers, backend="local"):
     return ids
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What validate_args derives from the arguments, built once. The arguments themselves are never changed, so
+    args.json and the W&B config hold what the user passed."""
+    devices: tuple          # one entry per worker: a GPU id, or "cpu" (parse_devices)
+    merge_params: dict      # --merge_params parsed against --merge_method's declaration, defaults filled
+    experts: tuple          # the expert folders under -i, sorted (find_experts)
+    ignored: tuple          # sub-folders of -i that hold no adapter or model
+    wandb_mode: str         # the W&B mode the search will use (resolve_wandb_mode)
+    wandb_note: str | None  # why it is not the requested one, when it is not
+
+
 def validate_args(args):
-    """Every check that needs no model: runs before any directory is made or worker started."""
+    """Every check that needs no model: runs before any directory is made or worker started. Returns the Setup
+    derived from the arguments."""
     # the device check comes first: on a machine without GPUs the GPU starter scripts stop at once
-    args.devices = parse_devices(args.gpus, args.num_cpu_workers, args.backend)
+    devices = parse_devices(args.gpus, args.num_cpu_workers, args.backend)
     if args.backend == "ray":
         import importlib.util
         if importlib.util.find_spec("ray") is None:
@@ -232,7 +246,7 @@ def validate_args(args):
     except DataError as e:
         raise UsageError(str(e)) from None
     try:
-        args.merge_params_dict = merge.parse_merge_params(args.merge_method, args.merge_params)
+        merge_params = merge.parse_merge_params(args.merge_method, args.merge_params)
     except merge.MergeError as e:
         raise UsageError(str(e)) from None
     if args.reset_mode == "bounds" and not args.fast_merge:
@@ -243,12 +257,12 @@ def validate_args(args):
         evaluate.check_credentials(args.eval_type)
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
-    args.experts, args.ignored = find_experts(args.initial_expert_directory, args.fast_merge)
-    base_index = args.merge_params_dict.get("base_model_idx")
-    if base_index is not None and base_index >= len(args.experts):
+    experts, ignored = find_experts(args.initial_expert_directory, args.fast_merge)
+    base_index = merge_params.get("base_model_idx")
+    if base_index is not None and base_index >= len(experts):
         raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
-                         f"{len(args.experts)} experts (valid: 0..{len(args.experts) - 1})")
-    check_experts(args.experts, args.base_model, args.fast_merge, args.trust_remote_code)
+                         f"{len(experts)} experts (valid: 0..{len(experts) - 1})")
+    check_experts(experts, args.base_model, args.fast_merge, args.trust_remote_code)
     # a prompt longer than the base model's context is no error to the model: it would generate past its trained
     # positions, for minutes and to no use, so it is found here, before any directory or worker exists
     try:
@@ -257,11 +271,12 @@ def validate_args(args):
                                       bool(args.trust_remote_code))
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
-    args.wandb_resolved_mode, args.wandb_note = resolve_wandb_mode(args.wandb_mode)
-    size = population_size(args)
+    wandb_mode, wandb_note = resolve_wandb_mode(args.wandb_mode)
+    size = population_size(args, len(experts))
     if args.max_evaluations is not None and args.max_evaluations < size:
         raise UsageError(f"--max_evaluations {args.max_evaluations} is smaller than the initial population's {size} "
                          f"evaluations: give at least {size}")
+    return Setup(tuple(devices), merge_params, tuple(experts), tuple(ignored), wandb_mode, wandb_note)
 
 
 def check_optimizer_args(args):
@@ -275,8 +290,8 @@ def check_optimizer_args(args):
         raise UsageError(f"--reset_mode is a BWR setting; --optimizer {args.optimizer} has no reset branch")
 
 
-def population_size(args):
-    return max(args.initial_experts_num, len(args.experts)) if args.populate_initial_experts else len(args.experts)
+def population_size(args, n_experts):
+    return max(args.initial_experts_num, n_experts) if args.populate_initial_experts else n_experts
 
 
 def find_experts(directory, fast_merge):
@@ -623,8 +638,10 @@ class Log:
 # The search
 
 class Search:
-    def __init__(self, args, directory, state=None):
+    def __init__(self, args, setup, directory, args_sha256, state=None):
         self.args = args
+        self.setup = setup
+        self.args_sha256 = args_sha256  # args.json's: every commit writes it into state.json
         self.dir = directory
         self.staging_root = os.path.join(directory, ".staging")
         self.staging = None  # .staging/<iteration>/: set by fresh_staging
@@ -650,7 +667,7 @@ class Search:
         return self.source(i)._replace(read_from=staged) if os.path.exists(staged) else self.source(i)
 
     def expert_sources(self):
-        return [Source(os.path.abspath(p), 0) for p in self.args.experts]
+        return [Source(os.path.abspath(p), 0) for p in self.setup.experts]
 
     def candidate_task(self, i, sources, update, version, accept_if_above=None, restart=False, merge_method=None):
         """The one place a candidate task is built: member i's next version (cached by the workers as version),
@@ -665,32 +682,33 @@ class Search:
                              cache_as=(self.cand(i), version), merge_method=merge_method)
 
     def worker_config(self):
-        a = self.args
+        a, devices = self.args, self.setup.devices
         eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "scoring": a.scoring,
                         "reward_model": a.reward_model,
                         "trust_remote_code": bool(a.trust_remote_code), "judge_model": a.judge_model,
                         "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
         threads = a.num_cpu_when_merging
-        if a.devices and a.devices[0] == "cpu":
+        if devices and devices[0] == "cpu":
             # an explicit OMP_NUM_THREADS wins: on a machine shared with other jobs, more torch threads than free
             # cores make every small op wait for a descheduled thread (on 2 cores with one taken, the tiny model's
             # forward passes ran 40-50x slower with 2 threads than with 1)
             omp = os.environ.get("OMP_NUM_THREADS", "")
             cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(threads, cpus // len(a.devices))
+            threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(threads, cpus // len(devices))
         return {"base_model": os.path.abspath(a.base_model) if os.path.isdir(a.base_model) else a.base_model,
                 "eval_type": a.eval_type, "dataset": a.dataset, "only_one_or_two": a.only_one_or_two,
-                "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": a.merge_params_dict,
+                "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": self.setup.merge_params,
                 "evaluate_options": eval_options, "torch_threads": threads, "to_visualize": a.to_visualize}
 
     def start_pool(self):
         config = self.worker_config()
-        self.log(f"starting {len(self.args.devices)} {self.args.backend} worker(s) on {self.args.devices}")
+        devices = list(self.setup.devices)
+        self.log(f"starting {len(devices)} {self.args.backend} worker(s) on {devices}")
         if self.args.backend == "ray":
             from workers import RayPool
-            self.pool = RayPool(self.args.devices, config, log=self.log, address=self.args.ray_address)
+            self.pool = RayPool(devices, config, log=self.log, address=self.args.ray_address)
         else:
-            self.pool = LocalPool(self.args.devices, config, log=self.log)
+            self.pool = LocalPool(devices, config, log=self.log)
 
     def run_tasks(self, tasks, description):
         from tqdm import tqdm
@@ -718,7 +736,7 @@ class Search:
         with INTERRUPTS:  # a signal waits for the commit to complete
             self.state["pending_moves"] = moves
             # the arguments this state belongs to: resume refuses an args.json that is not the one it started with
-            self.state["args_sha256"] = self.args.args_sha256
+            self.state["args_sha256"] = self.args_sha256
             crash_point("before_commit")
             # what state.json is about to name must be on disk first: the workers staged it without fsync
             sync_filesystem(self.staging_root)
@@ -744,8 +762,8 @@ class Search:
     def initialise(self):
         a = self.args
         rng = bwr.make_rng(a.seed)
-        experts = a.experts
-        size = population_size(a)
+        experts = self.setup.experts
+        size = population_size(a, len(experts))
         recipes = [{"parents": [i], "weights": [1.0]} for i in range(len(experts))]
         while len(recipes) < size:
             first, second = rng.choice(len(experts), size=2, replace=False)
@@ -912,7 +930,7 @@ class Search:
             restart_tasks = []
             for i in stray:
                 # a fresh start near the population's best: crossover of the best candidate and a random expert
-                weights = opt.restart(i, current_best, n, len(a.experts), rng)
+                weights = opt.restart(i, current_best, n, len(self.setup.experts), rng)
                 # kept only if it scores strictly better than the candidate it would replace (the published loop
                 # compares a restart with the original like any update): a restart never erases a better record.
                 # Staged beside this iteration's update, which it replaces only once accepted; the version after it
@@ -981,7 +999,7 @@ class Search:
         for result in results:
             for key, value in (result.get("timing") or {}).items():
                 totals[key] = totals.get(key, 0.0) + value
-        workers = max(1, len(self.args.devices))
+        workers = max(1, len(self.setup.devices))
         busy = sum(totals.values()) / workers
         return {"wall": wall, **totals, "commit": commit, "driver_ipc": max(wall - busy - commit, 0.0)}
 
@@ -1087,7 +1105,7 @@ class Search:
         if self.state is None:
             self.initialise()
         else:
-            self.optimizer = optimizers.make(a, len(a.experts), self.state.get("optimizer"))
+            self.optimizer = optimizers.make(a, len(self.setup.experts), self.state.get("optimizer"))
         while self.state["stage"] == "search":
             s = self.state
             if s["iteration"] >= a.max_iteration:
@@ -1111,9 +1129,9 @@ class Search:
 
     def start_wandb(self):
         a = self.args
-        mode = a.wandb_resolved_mode
-        if a.wandb_note:
-            self.log(a.wandb_note)
+        mode = self.setup.wandb_mode
+        if self.setup.wandb_note:
+            self.log(self.setup.wandb_note)
         if mode == "disabled":
             return
         os.environ.setdefault("WANDB_SILENT", "true")
@@ -1390,11 +1408,10 @@ SECRET_MARKERS = ("key", "token", "secret", "password")
 
 
 def public_args(args):
-    """Arguments as recorded in args.json and W&B: no derived objects and nothing that looks like a secret."""
+    """Arguments as recorded in args.json and W&B: nothing that looks like a secret, and not --resume."""
     out = {}
     for key, value in vars(args).items():
-        if key in ("experts", "ignored", "devices", "merge_params_dict", "resume", "wandb_resolved_mode",
-                   "wandb_note", "args_sha256"):
+        if key == "resume":
             continue
         if any(marker in key.lower() for marker in SECRET_MARKERS):
             continue
@@ -1470,7 +1487,8 @@ def check_state(directory, state, recorded):
 
 
 def prepare(argv):
-    """Parse and validate; returns (args, directory, state or None). Creates nothing before validation passed."""
+    """Parse and validate; returns (args, setup, directory, state or None). Creates nothing before validation
+    passed."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.resume:
@@ -1497,7 +1515,7 @@ def prepare(argv):
             state = read_resume_file(directory, "state.json")
             check_state(directory, state, recorded)
             upgrade_versions(state)
-        validate_args(args)
+        setup = validate_args(args)
         if state is not None:
             apply_moves(state.get("pending_moves", []))
             state["pending_moves"] = []
@@ -1506,8 +1524,8 @@ def prepare(argv):
             if missing and state["stage"] != "done":
                 raise UsageError(f"--resume {directory}: {missing[0]}/ is missing; the search cannot continue "
                                  f"without its population")
-        return args, directory, state
-    validate_args(args)
+        return args, setup, directory, state
+    setup = validate_args(args)
     root = args.output_root
     try:
         os.makedirs(root, exist_ok=True)
@@ -1517,7 +1535,7 @@ def prepare(argv):
     except OSError as e:
         raise UsageError(f"cannot write to {root}/ ({e.strerror}); choose another --output_root") from None
     directory = new_search_dir(root, args.name)
-    return args, directory, None
+    return args, setup, directory, None
 
 
 class Interrupts:
@@ -1583,7 +1601,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     INTERRUPTS.install()
     try:
-        args, directory, state = prepare(argv)
+        args, setup, directory, state = prepare(argv)
     except UsageError as e:
         print(f"search.py: error: {e}", file=sys.stderr)
         return 2
@@ -1598,13 +1616,12 @@ def main(argv=None):
             recorded = public_args(args)
             recorded["args_sha256"] = args_checksum(recorded)
             write_json(os.path.join(directory, "args.json"), recorded)
-        args.args_sha256 = read_json(os.path.join(directory, "args.json"))["args_sha256"]
-        search = Search(args, directory, state)
+        search = Search(args, setup, directory, read_json(os.path.join(directory, "args.json"))["args_sha256"], state)
         print(f"log: {os.path.join(directory, 'log.txt')}", flush=True)
         search.log(f"{'resuming' if args.resume else 'starting'} search in {directory}")
-        if args.ignored:
+        if setup.ignored:
             search.log(f"ignored sub-folders of {args.initial_expert_directory} (no adapter/model): "
-                       f"{', '.join(args.ignored)}")
+                       f"{', '.join(setup.ignored)}")
         search.run()
         return 0
     except (KeyboardInterrupt, WorkerError, merge.MergeError, OSError) as e:
