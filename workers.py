@@ -302,9 +302,63 @@ def _worker_main(device, config, conn):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The dispatch loop both executors share.
+
+class Pool:
+    """One task per worker at a time, results in task order; a worker that dies is restarted and its task retried
+    once, a second death on the same task stops with WorkerError naming task, device and cause, and a task that
+    raised stops with its error. An executor says only how a task reaches a worker and how a result comes back:
+
+        _begin(tasks) -> tasks             the tasks as this executor sends them (Ray: absolute paths)
+        _send(slot, task)                  hand a task to worker slot
+        _finished(busy) -> [(slot, message or None, cause)]
+                                           workers of busy ({slot: task index}) that are done; message None: the
+                                           worker died (cause says how), else its result or {"error": ...}
+        _restart(slot)                     replace a dead worker
+    A subclass also sets devices (one per worker slot) and log (where a restart is reported).
+    """
+
+    def _begin(self, tasks):
+        return tasks
+
+    def run(self, tasks, on_result=None):
+        """Runs tasks over all workers; returns their results in task order. on_result(index, result) is called as
+        each one arrives."""
+        tasks = self._begin(tasks)
+        results = [None] * len(tasks)
+        pending = list(range(len(tasks)))[::-1]
+        attempts = [0] * len(tasks)
+        busy = {}  # slot -> index of the task it runs
+        while pending or busy:
+            for slot in range(len(self.devices)):
+                if slot not in busy and pending:
+                    index = pending.pop()
+                    attempts[index] += 1
+                    self._send(slot, tasks[index])
+                    busy[slot] = index
+            for slot, message, cause in self._finished(busy):
+                index = busy.pop(slot)
+                task, device = tasks[index], self.devices[slot]
+                if message is None:
+                    if attempts[index] >= 2:
+                        raise WorkerError(f"worker on device {device} died twice on {describe_task(task)} ({cause})")
+                    self.log(f"worker on device {device} died on {describe_task(task)} ({cause}); "
+                             f"restarting it and retrying once")
+                    self._restart(slot)
+                    pending.append(index)
+                    continue
+                if "error" in message:
+                    raise WorkerError(f"{describe_task(task)} on device {device} failed: {message['error']}")
+                results[index] = message
+                if on_result is not None:
+                    on_result(index, message)
+        return results
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The local executor: one persistent process per device.
 
-class LocalPool:
+class LocalPool(Pool):
     """One persistent worker process per device (a GPU id, or "cpu" once per CPU worker)."""
 
     start_timeout = 600.0  # seconds to load a base model; a 7B model from a slow disk can take minutes
@@ -374,53 +428,29 @@ class LocalPool:
         self._start(slot)
         self._wait_ready(slot)
 
-    def run(self, tasks, on_result=None):
-        """Runs tasks over all workers; returns results in task order. A worker that dies gets its task once more
-        on a restarted worker; a second death stops with WorkerError naming task, device and cause."""
-        results = [None] * len(tasks)
-        pending = list(range(len(tasks)))[::-1]
-        attempts = [0] * len(tasks)
-        busy = {}  # slot -> task index
-        while pending or busy:
-            for slot in range(len(self.workers)):
-                if slot not in busy and pending:
-                    index = pending.pop()
-                    attempts[index] += 1
-                    try:
-                        self.workers[slot][1].send(tasks[index])
-                    except (BrokenPipeError, OSError):
-                        pass  # noticed as a death by _receive below
-                    busy[slot] = index
-            for slot in list(busy):
-                process, conn = self.workers[slot]
-                try:
-                    ready = conn.poll(0.05)
-                except (EOFError, OSError):
-                    ready = False
-                if not ready and process.is_alive():
-                    continue
-                message = self._receive(slot, timeout=0) if ready or not process.is_alive() else None
-                index = busy.pop(slot)
-                if message is None:
-                    # the closed pipe can be seen a moment before the killed process can be reaped: wait for its
-                    # exit code rather than report a live worker that "stopped answering"
-                    process.join(1)
-                    cause = _exit_cause(process.exitcode)
-                    if attempts[index] >= 2:
-                        raise WorkerError(f"worker on device {self.devices[slot]} died twice on {describe_task(tasks[index])}"
-                                          f" ({cause})")
-                    self.log(f"worker on device {self.devices[slot]} died on {describe_task(tasks[index])} ({cause}); "
-                             f"restarting it and retrying once")
-                    self._restart(slot)
-                    pending.append(index)
-                    continue
-                if "error" in message:
-                    raise WorkerError(f"{describe_task(tasks[index])} on device {self.devices[slot]} failed: "
-                                      f"{message['error']}")
-                results[index] = message
-                if on_result is not None:
-                    on_result(index, message)
-        return results
+    def _send(self, slot, task):
+        try:
+            self.workers[slot][1].send(task)
+        except (BrokenPipeError, OSError):
+            pass  # noticed as a death by _finished
+
+    def _finished(self, busy):
+        done = []
+        for slot in busy:
+            process, conn = self.workers[slot]
+            try:
+                ready = conn.poll(0.05)
+            except (EOFError, OSError):
+                ready = False
+            if not ready and process.is_alive():
+                continue
+            message = self._receive(slot, timeout=0) if ready or not process.is_alive() else None
+            if message is None:
+                # the closed pipe can be seen a moment before the killed process can be reaped: wait for its
+                # exit code rather than report a live worker that "stopped answering"
+                process.join(1)
+            done.append((slot, message, None if message is not None else _exit_cause(process.exitcode)))
+        return done
 
     def close(self):
         for entry in self.workers:
@@ -550,7 +580,7 @@ class _RayWorker:
             return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}, {}
 
 
-class RayPool:
+class RayPool(Pool):
     """One Ray actor per device: -g 0,1,... asks for that many GPU actors (num_gpus=1 each; Ray picks the GPUs,
     on any node), -g cpu for --num_cpu_workers CPU actors (num_cpus=1 each). Same interface and messages as
     LocalPool; results are bit-identical to it because the merges and evaluations are TaskRunner's own."""
@@ -568,6 +598,7 @@ class RayPool:
         self.config = config
         self.log = log
         self.actors = [None] * len(self.devices)
+        self.in_flight = {}
         self.actor_class = None
         self.store = {}  # path -> {version: (object reference, read from disk?)}
         self.owns_ray = False
@@ -722,54 +753,37 @@ class RayPool:
         timing = result.setdefault("timing", {})
         timing["write"] = timing.get("write", 0.0) + time.perf_counter() - start
 
-    # -- the interface
-    def run(self, tasks, on_result=None):
-        """Runs tasks over all actors, one task per actor at a time; returns results in task order. An actor that
-        dies is replaced and its task retried once; a second death stops with WorkerError, as in LocalPool."""
-        ray = self.ray
+    # -- the dispatch loop's side (Pool.run)
+    def _begin(self, tasks):
         self._forget_vanished()
-        tasks = [_absolute_paths(task) for task in tasks]
-        results = [None] * len(tasks)
-        pending = list(range(len(tasks)))[::-1]
-        attempts = [0] * len(tasks)
-        busy = {}  # result reference -> (slot, task index, outputs reference)
-        while pending or busy:
-            free = [slot for slot in range(len(self.actors)) if slot not in {s for s, _, _ in busy.values()}]
-            for slot in free:
-                if not pending:
-                    break
-                index = pending.pop()
-                attempts[index] += 1
-                result_ref, outputs_ref = self.actors[slot].run.options(num_returns=2).remote(
-                    tasks[index], self._shipped(tasks[index]))
-                busy[result_ref] = (slot, index, outputs_ref)
-            done, _ = ray.wait(list(busy), num_returns=1, timeout=self.wait_interval)
-            for ref in done:
-                slot, index, outputs_ref = busy.pop(ref)
-                try:
-                    message = ray.get(ref)
-                    outputs = ray.get(outputs_ref) if "error" not in message else {}
-                except _death_errors(ray) as e:
-                    cause = _ray_cause(e)
-                    if attempts[index] >= 2:
-                        raise WorkerError(f"worker on device {self.devices[slot]} died twice on "
-                                          f"{describe_task(tasks[index])} ({cause})") from None
-                    self.log(f"worker on device {self.devices[slot]} died on {describe_task(tasks[index])} ({cause}); "
-                             f"restarting it and retrying once")
-                    self._restart(slot)
-                    pending.append(index)
-                    continue
-                except ray.exceptions.RayError as e:
-                    raise WorkerError(f"{describe_task(tasks[index])} on device {self.devices[slot]} failed: "
-                                      f"{_ray_cause(e)}") from None
-                if "error" in message:
-                    raise WorkerError(f"{describe_task(tasks[index])} on device {self.devices[slot]} failed: "
-                                      f"{message['error']}")
-                self._deliver(tasks[index], message, outputs)
-                results[index] = message
-                if on_result is not None:
-                    on_result(index, message)
-        return results
+        self.in_flight = {}  # slot -> (result reference, outputs reference, task)
+        return [_absolute_paths(task) for task in tasks]
+
+    def _send(self, slot, task):
+        self.in_flight[slot] = (*self.actors[slot].run.options(num_returns=2).remote(task, self._shipped(task)), task)
+
+    def _finished(self, busy):
+        """Waits up to wait_interval (so that Ctrl-C and SIGTERM are handled promptly) for one actor's result."""
+        ray = self.ray
+        slot_of = {self.in_flight[slot][0]: slot for slot in busy}
+        done, _ = ray.wait(list(slot_of), num_returns=1, timeout=self.wait_interval)
+        finished = []
+        for ref in done:
+            slot = slot_of[ref]
+            _, outputs_ref, task = self.in_flight.pop(slot)
+            try:
+                message = ray.get(ref)
+                outputs = ray.get(outputs_ref) if "error" not in message else {}
+            except _death_errors(ray) as e:
+                finished.append((slot, None, _ray_cause(e)))
+                continue
+            except ray.exceptions.RayError as e:
+                finished.append((slot, {"error": _ray_cause(e)}, None))
+                continue
+            if "error" not in message:
+                self._deliver(task, message, outputs)
+            finished.append((slot, message, None))
+        return finished
 
     def close(self):
         ray = getattr(self, "ray", None)
