@@ -372,16 +372,12 @@ def _first_line(e):
 
 
 def _read_adapter_folder(path):
-    from safetensors.torch import load_file
-    weights = os.path.join(path, "adapter_model.safetensors")
-    if not os.path.isfile(weights):
-        raise EvalError(f"adapter {path!r} has no adapter_model.safetensors (safetensors weights are required)")
+    # one reader of adapter folders (merge.load_adapter); its errors become evaluation errors here
+    from merge import MergeError, load_adapter
     try:
-        with open(os.path.join(path, "adapter_config.json")) as f:
-            config = json.load(f)
-        return load_file(weights, device="cpu"), config
-    except (OSError, ValueError) as e:
-        raise EvalError(f"adapter {path!r} cannot be read: {_first_line(e)}") from None
+        return load_adapter(path)
+    except MergeError as e:
+        raise EvalError(str(e)) from None
 
 
 def _lora_config(config, label):
