@@ -217,6 +217,7 @@ class ModelHost:
         self.peft = None              # PeftModel wrapping self.base once an adapter was loaded
         self.slot = None              # peft saved name -> tensor sharing storage with the LoRA parameter
         self.slot_signature = None
+        self.adapter_enabled = None   # whether the LoRA layers are switched on (None: not known, set on next use)
         self.base_backup = None       # CPU copy of the base weights, only once a full model was loaded
         self.base_dirty = False       # resident weights are a full-model candidate's, not the base model's
         self.full_loaded = None       # identity of the full-model candidate currently in the base tensors
@@ -292,10 +293,13 @@ class ModelHost:
             raise EvalError(f"{label}: cannot apply its LoRA config to {self.base_name!r}: {_first_line(e)}") from None
         # state_dict() tensors share storage with the parameters, so copying into them updates the model
         self.slot = get_peft_model_state_dict(self.peft)
+        self.adapter_enabled = None  # set by the next _set_adapter_enabled
         self.slot_signature = _adapter_signature(self.slot, config)
 
     def _set_adapter_enabled(self, enabled):
-        if self.peft is not None:
+        # only on a change: peft walks every module to switch its LoRA layers (2 ms a candidate on the tiny model)
+        if self.peft is not None and self.adapter_enabled != enabled:
+            self.adapter_enabled = enabled
             if enabled:
                 self.peft.base_model.enable_adapter_layers()
             else:
@@ -568,6 +572,8 @@ def _generate(model, tokenizer, ids, max_new_tokens, batch_size):
     # longest first: similar lengths share a batch (less padding), and an OOM shows up on the first batch
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
 
+    texts = {}  # token ids -> text: rows often give the same answer (a 40 us decode each, 4% of a tiny evaluation)
+
     def run(chunk):
         input_ids, mask = _left_pad([ids[i] for i in chunk], pad_id, device)
         with torch.inference_mode(), forward_timer(device):
@@ -575,7 +581,10 @@ def _generate(model, tokenizer, ids, max_new_tokens, batch_size):
         for i, tokens in zip(chunk, new_tokens.tolist()):
             # only what scoring reads: the tokens before the first end-of-sequence (the rest is padding)
             stop = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
-            outputs[i] = tokenizer.decode(tokens[:stop], skip_special_tokens=True).strip()
+            key = tuple(tokens[:stop])
+            if key not in texts:
+                texts[key] = tokenizer.decode(key, skip_special_tokens=True).strip()
+            outputs[i] = texts[key]
 
     _in_batches(model, len(ids), order, batch_size, run,
                 fits=_rows_that_fit(model, len(ids), len(ids[order[0]]), max_new_tokens))
