@@ -738,8 +738,11 @@ class Search:
             # the arguments this state belongs to: resume refuses an args.json that is not the one it started with
             self.state["args_sha256"] = self.args_sha256
             crash_point("before_commit")
-            # what state.json is about to name must be on disk first: the workers staged it without fsync
-            sync_filesystem(self.staging_root)
+            # what state.json is about to name must be on disk first: the workers staged it without fsync. A commit
+            # that moves nothing names nothing new, so it skips the syncfs; it still writes state.json (an iteration
+            # that accepted nothing changes the generator, histories and counters that resume continues from)
+            if moves:
+                sync_filesystem(self.staging_root)
             write_state(self.dir, self.state)
             for move in moves:
                 crash_point("move")
