@@ -124,7 +124,8 @@ def build_parser():
     a("--social_coeff", type=float, default=0.3, help="pso: weight of the pull to the global best")
     a("--repel_coeff", type=float, default=0.3, help="pso: weight of the push away from the global worst")
     a("--cma_sigma0", type=float, default=0.5, help="cma_es: initial standard deviation of the coefficients")
-    a("--batch_size", type=int, default=None, help="generation batch size (default: 16 on GPU, 32 on CPU)")
+    a("--batch_size", type=int, default=None,
+      help="generation batch size (default: as many prompts as a share of the device's free memory holds)")
     a("--mc_scoring", default="generate", choices=["generate", "logits"],
       help="multiple choice: parse generated answers, or pick the letter with the highest next-token logit")
     a("--scoring", default="published", choices=["published", "strict"],
