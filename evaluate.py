@@ -490,7 +490,8 @@ def _row_bytes(model, width, new_tokens, logits_rows=1):
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     positions = width + new_tokens
     keys_values = 2 * config.num_hidden_layers * kv_heads * head_dim * positions * element
-    activations = width * (4 * config.hidden_size + 3 * config.intermediate_size) * element + heads * width * width * 4
+    intermediate = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    activations = width * (4 * config.hidden_size + 3 * intermediate) * element + heads * width * width * 4
     logits = 2 * logits_rows * config.vocab_size * 4
     return keys_values + activations + logits
 
@@ -593,12 +594,14 @@ def _generate(model, tokenizer, ids, max_new_tokens, batch_size):
 
 def _plain_decoder(model):
     """Whether greedy decoding can run the model's forward directly (_greedy_decode): a transformers decoder class
-    that takes logits_to_keep and a DynamicCache. Others (custom code, recurrent caches) go through generate()."""
+    whose forward names cache, position_ids and logits_to_keep (a forward taking **kwargs would silently drop one)
+    and that uses a DynamicCache. Others (custom code, recurrent caches) go through generate()."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     cls = type(base)
     supports_cache = getattr(cls, "_supports_default_dynamic_cache", None)
     return (cls.__module__.startswith("transformers.models.") and supports_cache is not None and supports_cache()
-            and "logits_to_keep" in inspect.signature(base.forward).parameters)
+            and {"cache", "attention_mask", "position_ids", "logits_to_keep"}
+            <= set(inspect.signature(base.forward).parameters))
 
 
 def _greedy_decode(model, input_ids, mask, max_new_tokens, pad_id, eos, bos_id):
