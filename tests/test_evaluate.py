@@ -107,7 +107,7 @@ def test_chat_template_generation_runs_and_needs_a_template(tiny, experts):
                     for p in ["hi", "tell me a fact"]]
 
 
-def test_greedy_decoding_gives_generates_tokens(tiny, experts):
+def test_greedy_loop_gives_the_tokens_of_generate(tiny, experts):
     """_greedy_decode (the model's forward in a loop) returns the very tokens of generate() with do_sample=False,
     for every tiny expert and a mixed merge of them, on batches whose rows end at different steps."""
     host = ev.get_host(str(tiny.base), "cpu")
