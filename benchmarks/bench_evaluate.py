@@ -72,7 +72,8 @@ def generation_levers(ev, experts, base, device, dev, repeats):
     32 and the automatic size, through generate() and through the greedy loop; median over interleaved repeats."""
     host = ev.get_host(base, device)
     questions = [item["question"] for item in dev]
-    budget = ev.exact_match_budget(host.tokenizer, [str(item["answer"]) for item in dev], ev.exact_match_rule("tiny_demo"))
+    golds = [str(item["answer"]) for item in dev]
+    budget = ev.exact_match_budget(host.tokenizer, golds, ev.exact_match_rule("tiny_demo"))
     plain = ev._plain_decoder
     variants = {(batch, loop): None for batch in (32, None) for loop in ("generate()", "greedy loop")}
     times = {key: [] for key in variants}

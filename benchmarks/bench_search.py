@@ -163,10 +163,9 @@ def fmt(values, digits=2, unit=""):
 def run_ours(root, iterations, threads, repo=REPO):
     """search_demo.sh -m ITERATIONS (the demo's settings) as a subprocess. Returns the per-iteration profiles, the
     evaluations per iteration (candidates + stray restarts) and the start-up phases, timed by polling log.txt:
-    driver (process start to the first log line: imports and input checks; the worker is spawned once the
-    arguments are checked and imports and loads the base model meanwhile), workers (to "initialising": the driver
-    waits for the worker to be ready, base model loaded), initial evaluation (to "starting best": every candidate
-    and the starting best's test set; the first task still imports peft and builds the LoRA slot)."""
+    driver (process start to the first log line: imports and argument validation), workers (to "initialising":
+    worker spawned and ready), initial evaluation (to "starting best": every candidate and the starting best's test
+    set; the worker loads the base model on its first task, so that load is in this phase)."""
     root = Path(root)
     env = search_env(threads)
     env["PYTHON"] = sys.executable
@@ -272,10 +271,10 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods):
     # (candidates + 1) evaluations at the run's own per-evaluation speed estimates that first-use load
     first_use = [x["startup"]["initial_evaluation"] - (x["candidates"] + 1) * x["wall"] / x["evaluations"]
                  for x in ours]
-    print(f"  ours: driver (process start to its first log line: imports, input checks; the worker starts during "
-          f"the checks) {fmt([x['startup']['driver'] for x in ours])}, then waiting for the worker (its imports and "
-          f"base model load) {fmt([x['startup']['workers'] for x in ours])}, initial evaluation (10 candidates + the "
-          f"starting best's test set; the first task also imports peft and builds the LoRA slot, about "
+    print(f"  ours: driver (process start to its first log line: imports, argument checks) "
+          f"{fmt([x['startup']['driver'] for x in ours])}, worker spawn + torch import "
+          f"{fmt([x['startup']['workers'] for x in ours])}, initial evaluation (10 candidates + the starting best's "
+          f"test set; the worker's first task also imports transformers/peft and loads the base model, about "
           f"{fmt(first_use)} of it) {fmt([x['startup']['initial_evaluation'] for x in ours])}; total "
           f"{fmt([x['startup']['total'] for x in ours])}")
     for p in paths[1:]:
