@@ -124,7 +124,8 @@ def build_parser():
     a("--social_coeff", type=float, default=0.3, help="pso: weight of the pull to the global best")
     a("--repel_coeff", type=float, default=0.3, help="pso: weight of the push away from the global worst")
     a("--cma_sigma0", type=float, default=0.5, help="cma_es: initial standard deviation of the coefficients")
-    a("--batch_size", type=int, default=None, help="generation batch size (default: 16 on GPU, 32 on CPU)")
+    a("--batch_size", type=int, default=None,
+      help="generation batch size (default: as many prompts as a share of the device's free memory holds)")
     a("--mc_scoring", default="generate", choices=["generate", "logits"],
       help="multiple choice: parse generated answers, or pick the letter with the highest next-token logit")
     a("--scoring", default="published", choices=["published", "strict"],
@@ -738,8 +739,11 @@ class Search:
             # the arguments this state belongs to: resume refuses an args.json that is not the one it started with
             self.state["args_sha256"] = self.args_sha256
             crash_point("before_commit")
-            # what state.json is about to name must be on disk first: the workers staged it without fsync
-            sync_filesystem(self.staging_root)
+            # what state.json is about to name must be on disk first: the workers staged it without fsync. A commit
+            # that moves nothing names nothing new, so it skips the syncfs; it still writes state.json (an iteration
+            # that accepted nothing changes the generator, histories and counters that resume continues from)
+            if moves:
+                sync_filesystem(self.staging_root)
             write_state(self.dir, self.state)
             for move in moves:
                 crash_point("move")

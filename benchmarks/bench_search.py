@@ -18,6 +18,8 @@ per-iteration profile it records in state.json and log.txt):
   4. memory: peak resident memory (VmHWM) of the worker over 20 iterations, after the first vs after the last;
   5. peft mixed-adapter batches (10 adapters loaded, adapter_names= per row in generate) vs one candidate at a
      time (the search's way: adapter copied into the resident model, then batched generation), 10 candidates.
+  6. (--before DIR) this checkout's search_demo.sh against another checkout's (before / after a change), interleaved:
+     seconds per iteration, forward share and start-up, paired ratios.
 Figures are printed; nothing is asserted. The GPU benchmark (Gemma-7B shape) is benchmarks/bench_gpu.py.
 
 Every process gets OMP_NUM_THREADS=--threads (default 1): on a machine shared with other jobs more torch threads
@@ -28,6 +30,7 @@ search's own default (cores / workers).
     python benchmarks/bench_search.py                    # everything, about 25-40 minutes on 2 busy cores
     python benchmarks/bench_search.py --sections 1       # side by side and start-up only (about 15-25 minutes)
     python benchmarks/bench_search.py --quick            # one repetition, 'fork' only, reduced grid (a smoke test)
+    python benchmarks/bench_search.py --sections 6 --before ../before --iterations 6   # before/after a change
 """
 import argparse
 import json
@@ -157,7 +160,7 @@ def fmt(values, digits=2, unit=""):
     return f"{middle:.{digits}f}{unit} ({low:.{digits}f}-{high:.{digits}f})"
 
 
-def run_ours(root, iterations, threads):
+def run_ours(root, iterations, threads, repo=REPO):
     """search_demo.sh -m ITERATIONS (the demo's settings) as a subprocess. Returns the per-iteration profiles, the
     evaluations per iteration (candidates + stray restarts) and the start-up phases, timed by polling log.txt:
     driver (process start to the first log line: imports and argument validation), workers (to "initialising":
@@ -169,7 +172,7 @@ def run_ours(root, iterations, threads):
     marks = {"starting search": "driver", "initialising": "workers", "starting best": "initial_evaluation"}
     seen = {}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "--output_root", str(root)], cwd=REPO,
+    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "--output_root", str(root)], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     while proc.poll() is None and len(seen) < len(marks):
         time.sleep(0.01)
@@ -372,7 +375,7 @@ def section_mixed(threads, candidates=10):
     print(f"\n[5] {candidates} candidates x {len(data)} dev items: one candidate at a time vs peft mixed-adapter batches")
 
     # the search's way: each candidate copied into the resident model's LoRA slot, then batched generation; at the
-    # search's default CPU batch size and at the mixed batches' largest size, so that batch size is not what differs
+    # former default CPU batch size and at the mixed batches' largest size, so that batch size is not what differs
     batches = (32, 32 * candidates)
     loaded = [merge.load_adapter(str(p)) for p in paths]
     ev.evaluate(loaded[0], "exact_match", "tiny_demo", "cpu", str(BASE))  # warm-up: loads the host
@@ -418,17 +421,58 @@ def section_mixed(threads, candidates=10):
         wall = time.perf_counter() - start
         same = sum(a == b for c in range(candidates) for a, b in zip(outputs[c], one_outputs[c]))
         print(f"  mixed-adapter batches of {batch:>3} rows: {wall:.3f} s -> {one_wall[batch] / wall:.2f}x the speed of "
-              f"one at a time at that batch size, {one_wall[32] / wall:.2f}x the search's default (batches of 32); "
+              f"one at a time at that batch size, {one_wall[32] / wall:.2f}x one at a time in batches of 32 "
+              f"(the former CPU default); "
               f"{same}/{len(rows)} outputs identical")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6: this checkout against another one (before / after a change)
+
+def section_before(tmp, before, repetitions, iterations, threads):
+    """search_demo.sh -m ITERATIONS from another checkout of this project (e.g. `git worktree add ../before <commit>`)
+    and from this one, interleaved (the order alternates, so a change of the machine's load hits both alike): each
+    run's median iteration, its forward share and start-up; median (min-max) over the repetitions, paired ratio."""
+    before = Path(before).resolve()
+    if not (before / "search_demo.sh").is_file():
+        raise SystemExit(f"--before {before}: not a checkout of this project (no search_demo.sh)")
+    if not (before / "data" / "eval" / "tiny_demo.json").is_file():
+        subprocess.run([sys.executable, "data/tiny_demo.py"], cwd=before, check=True)
+    print(f"\n[6] search_demo.sh -m {iterations}: {before} (before) vs this checkout, {repetitions} interleaved "
+          f"repetitions; median (min-max) over repetitions of each run's median iteration")
+    trees = {"before": before, "this": REPO}
+    runs = {name: [] for name in trees}
+    for r in range(repetitions):
+        for name in (list(trees) if r % 2 == 0 else list(trees)[::-1]):
+            load = os.getloadavg()[0]
+            result = run_ours(Path(tmp) / f"before_{name}_{r}", iterations, threads, repo=trees[name])
+            its = result["iterations"]
+            run = {"wall": median_range([it["wall"] for it in its])[0],
+                   "share": median_range([it["forward"] / it["wall"] for it in its])[0],
+                   "startup": result["startup"]["total"], "load": (load, os.getloadavg()[0])}
+            runs[name].append(run)
+            print(f"  rep {r + 1} {name:>6}: {run['wall']:.3f} s/iteration, forward share {run['share']:.1%}, start-up "
+                  f"{run['startup']:.1f} s, load {run['load'][0]:.1f} -> {run['load'][1]:.1f}", flush=True)
+    for name, rows in runs.items():
+        loads = [x for run in rows for x in run["load"]]
+        print(f"  {name:>6}: {fmt([x['wall'] for x in rows], 3)} s/iteration, forward share "
+              f"{fmt([100 * x['share'] for x in rows], 1, '%')}, start-up {fmt([x['startup'] for x in rows], 1)} s, "
+              f"load {min(loads):.1f}-{max(loads):.1f}")
+    print(f"  before / this, paired by repetition: "
+          f"{fmt([b['wall'] / t['wall'] for b, t in zip(runs['before'], runs['this'])], 2, 'x')} per iteration, "
+          f"{fmt([b['startup'] / t['startup'] for b, t in zip(runs['before'], runs['this'])], 2, 'x')} start-up")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="reduced grid and fewer iterations (a smoke test)")
     parser.add_argument("--sections", default="1,3,4,5",
-                        help="which sections to run (default all; 1 includes 2, the start-up)")
-    parser.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions of section 1")
-    parser.add_argument("--iterations", type=int, default=3, help="iterations per run in section 1 (-m)")
+                        help="which sections to run (default 1,3,4,5; 1 includes 2, the start-up; 6 needs --before)")
+    parser.add_argument("--before", help="section 6: another checkout of this project to compare with")
+    parser.add_argument("--repetitions", type=int, default=3, help="interleaved repetitions of sections 1 and 6")
+    parser.add_argument("--iterations", type=int, default=3, help="iterations per run in sections 1 and 6 (-m)")
+    parser.add_argument("--start_methods", default="spawn,fork",
+                        help="pool start methods of the published loop in section 1 (default both; --quick: fork)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of every process (default 1; 0: the search's own default)")
     args = parser.parse_args()
@@ -441,7 +485,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if "1" in sections:
             section_side_by_side(tmp, 1 if quick else args.repetitions, args.iterations, args.threads,
-                                 ["fork"] if quick else ["spawn", "fork"])
+                                 ["fork"] if quick else [m.strip() for m in args.start_methods.split(",")])
         if "3" in sections:
             section_scaling(tmp, [10, 20] if quick else [10, 20, 40], [50, 100] if quick else [50, 100, 200],
                             2 if quick else 3, args.threads)
@@ -450,6 +494,10 @@ def main():
             section_memory(tmp, 5 if quick else 20, args.threads)
         if "5" in sections:
             section_mixed(args.threads)
+        if "6" in sections:
+            if not args.before:
+                raise SystemExit("--sections 6 needs --before DIR, another checkout of this project")
+            section_before(tmp, args.before, args.repetitions, args.iterations, args.threads)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f} (other jobs on this machine slow every figure)")
 
 

@@ -107,6 +107,51 @@ def test_chat_template_generation_runs_and_needs_a_template(tiny, experts):
                     for p in ["hi", "tell me a fact"]]
 
 
+def test_greedy_loop_gives_the_tokens_of_generate(tiny, experts):
+    """_greedy_decode (the model's forward in a loop) returns the very tokens of generate() with do_sample=False,
+    for every tiny expert and a mixed merge of them, on batches whose rows end at different steps."""
+    host = ev.get_host(str(tiny.base), "cpu")
+    assert ev._plain_decoder(host.model)
+    data = json.loads((Path(ev.OPTIONS["data_dir"]) / "tiny_demo.json").read_text())
+    ids = ev.encode(host.tokenizer, [item["question"] for item in data["dev"][:40]])
+    input_ids, mask = ev._left_pad(ids, host.tokenizer.pad_token_id, "cpu")
+    from safetensors.torch import load_file
+    merged = {k: sum(load_file(str(e / "adapter_model.safetensors"))[k] for e in experts[:3]) / 3
+              for k in load_file(str(experts[0] / "adapter_model.safetensors"))}
+    ended_early = False
+    for candidate in [*experts, merged]:
+        model = host.load(candidate)
+        with torch.inference_mode():
+            greedy = ev._greedy_decode(model, input_ids, mask, 8, host.tokenizer.pad_token_id, [2], 1)
+            reference = ev._generate_decode(model, input_ids, mask, 8, host.tokenizer.pad_token_id, [2], 1)
+        assert torch.equal(greedy, reference), candidate if not isinstance(candidate, dict) else "merge"
+        ended_early |= greedy.shape[1] < 8
+    assert ended_early, "the tiny experts answer one digit and stop: decoding should end before the budget"
+
+
+def test_automatic_batch_size_is_bounded_by_memory_and_overridden(tiny, monkeypatch):
+    """Without --batch_size a batch holds as many rows as a share of the free memory allows (all of them here);
+    --batch_size overrides it; little free memory means smaller batches, never fewer than one row."""
+    monkeypatch.setattr(ev, "_OOM_CAP", {})
+    model = ev.get_host(str(tiny.base), "cpu").model
+    row = ev._row_bytes(model, 40, 10)
+    config = model.config
+    assert row >= 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 50 * 4
+    assert ev._rows_that_fit(model, 100, 40, 10) == 100
+    sizes = []
+    ev._in_batches(model, 100, list(range(100)), None, lambda chunk: sizes.append(len(chunk)),
+                   fits=ev._rows_that_fit(model, 100, 40, 10))
+    assert sizes == [100]
+    ev.configure(batch_size=32)
+    sizes.clear()
+    ev._in_batches(model, 100, list(range(100)), None, lambda chunk: sizes.append(len(chunk)), fits=100)
+    assert sizes == [32, 32, 32, 4]
+    monkeypatch.setattr(ev, "_free_memory", lambda device: 10 * row)
+    assert ev._rows_that_fit(model, 100, 40, 10) == 2   # a quarter of 10 rows' memory on CPU
+    monkeypatch.setattr(ev, "_free_memory", lambda device: 0)
+    assert ev._rows_that_fit(model, 100, 40, 10) == 1
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # hot swap
 
