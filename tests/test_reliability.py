@@ -49,7 +49,7 @@ def test_sigkill_then_resume_is_bit_for_bit(reference, tmp_path, point):
 
 
 def test_killed_worker_is_restarted_and_its_task_retried(reference, tmp_path):
-    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
             "--output_root", str(tmp_path), "--seed", "7", *SEARCH_ARGS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -93,7 +93,7 @@ def test_api_keys_never_reach_output_files(tiny, data, tmp_path):
 
 # --- bad input: one line, exit 2, no traceback, no directory left behind --------------------------------------
 
-BASE = ["-n", "bad", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", "initial_experts/tiny/experts",
+BASE = ["-n", "bad", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu", "-i", "initial_experts/tiny/experts",
         "-b", "initial_experts/tiny/base_model"]
 
 

@@ -35,7 +35,7 @@ def test_equal_score_keeps_the_current_model(tiny, data):
     import evaluate
     from workers import TaskRunner
     expert = sorted(os.listdir(tiny.experts))[0]
-    runner = TaskRunner("cpu", {"base_model": str(tiny.base), "eval_type": "exact_match", "dataset": "tiny_demo",
+    runner = TaskRunner("cpu", {"base_model": str(tiny.base), "eval_type": "exact_match", "dataset": "tiny_demo_quick",
                                 "evaluate_options": {"data_dir": str(data)}, "torch_threads": 1})
     task = {"op": "candidate", "sources": [[str(tiny.experts / expert), 0]], "split": "dev",
             "update": {"kind": "combine", "weights": [1.0]}, "accept_if_above": None, "save_to": None}
