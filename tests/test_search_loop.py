@@ -181,6 +181,7 @@ def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_pat
     import sys
     out = tmp_path / "runs.json"
     proc = subprocess.run([sys.executable, "benchmarks/compare_optimizers.py", "--budget", "11", "--seeds", "1",
+                           "-d", "tiny_demo_quick",
                            "--optimizers", "bwr", "cma=cma_es --cma_sigma0 0.3", "--output_root", str(tmp_path),
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "WANDB_MODE": "disabled"})
