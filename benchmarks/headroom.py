@@ -79,6 +79,18 @@ def main(argv=None):
             return ""
         return "  (" + " ".join(f"{op} {np.mean([scores[i] for i in idx]):.2f}" for op, idx in ops.items()) + ")"
 
+    if ops is not None:  # the base model alone: which answers it computes, and how often it picks the intended one
+        from data.tiny_demo import answer_of
+        _, details = ev.evaluate_split(None, "exact_match", args.dataset, "cpu", base, "test")
+        said = [(p.split() or [""])[0] for p in details["preds"]]
+        shares = []
+        for op, idx in ops.items():
+            intended = np.mean([said[i] == answer_of(items[i]["question"]) for i in idx])
+            either = np.mean([said[i] in (answer_of(items[i]["question"]), answer_of(items[i]["question"], True))
+                              for i in idx])
+            shares.append(f"{op} {intended:.2f} intended, {either:.2f} intended or distractor")
+        print(f"base model alone, test {details['utility']:.3f}: " + "; ".join(shares), flush=True)
+
     dev, test = {}, {}
     for n, s in zip(names, states):
         dev[n], test[n] = score(s, "dev"), score(s, "test")
