@@ -1,6 +1,6 @@
 """Every optimizer x several seeds at an equal dev-evaluation budget, through search.py itself, on the demo objective.
 
-    python benchmarks/compare_optimizers.py                       # bwr, pso, cma_es, random x seeds 42 1 2 3 4
+    python benchmarks/compare_optimizers.py -j 2                  # bwr (both resets), pso, cma_es, random x 5 seeds
     python benchmarks/compare_optimizers.py --budget 60 --seeds 42 1 -j 2
     python benchmarks/compare_optimizers.py --optimizers bwr "bwr_bounds=bwr --reset_mode bounds" cma_es
 
@@ -22,8 +22,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = ["-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", "initial_experts/tiny/experts",
-        "-b", "initial_experts/tiny/base_model"]
+# the demo objective with search_demo.sh's scoring rules
+DEMO = ["-e", "exact_match", "-g", "cpu", "-i", "initial_experts/tiny/experts",
+        "-b", "initial_experts/tiny/base_model", "--scoring", "strict"]
+# BWR as search_demo.sh runs it (Rao's bounds reset), BWR with the seed README's scaled_random reset, and the others
+DEFAULT_OPTIMIZERS = ["bwr_bounds=bwr --reset_mode bounds", "bwr", "pso", "cma_es", "random"]
 UNLIMITED = ["-m", "100000", "-p", "100000"]  # the budget alone ends every run
 
 
@@ -89,10 +92,12 @@ def main(argv=None):
         argv, extra = argv[:cut], argv[cut + 1:]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--optimizers", nargs="+", default=["bwr", "pso", "cma_es", "random"],
+    p.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS,
                    help="optimizer names, or 'label=name extra flags' variants")
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2, 3, 4])
-    p.add_argument("--budget", type=int, default=150, help="dev evaluations per run (--max_evaluations)")
+    p.add_argument("--budget", type=int, default=100, help="dev evaluations per run (--max_evaluations)")
+    p.add_argument("-d", "--dataset", default="tiny_demo",
+                   help="exact-match dataset in data/eval (tiny_demo_quick: a tenth of the forward work)")
     p.add_argument("-j", "--jobs", type=int, default=1, help="searches run at the same time (one CPU worker each)")
     p.add_argument("--output_root", default=os.path.join("search", "compare"),
                    help="folder of the runs' search directories (a fresh sub-folder per invocation)")
@@ -109,7 +114,7 @@ def main(argv=None):
     print(f"{len(runs)} searches, {args.budget} dev evaluations each, {args.jobs} at a time; runs in {root}",
           flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_one, label, flags, seed, args.budget, root, DEMO, extra)
+        futures = [pool.submit(run_one, label, flags, seed, args.budget, root, [*DEMO, "-d", args.dataset], extra)
                    for label, flags, seed in runs]
         rows = []
         for (label, _, seed), future in zip(runs, futures):

@@ -2,8 +2,10 @@
 
     python data/build.py [--out DIR] [--seed 0]
 
-Writes nlgraph.json (data/nlgraph.py, 200 dev / 1000 test) and the tiny demo sets tiny_mc, tiny_mc_icl,
-tiny_em, tiny_rm, tiny_human (data/tiny_data.py). Each file is validated before it is written, and a file
+Writes nlgraph.json (data/nlgraph.py, 200 dev / 1000 test), the tiny demo sets tiny_mc, tiny_mc_icl,
+tiny_em, tiny_rm, tiny_human (data/tiny_data.py) and tiny_demo_quick.json: the first 100 dev and 240 test
+questions of the demo objective tiny_demo, the same objective with a tenth of the forward work (quick runs, the
+test suite). Each file is validated before it is written, and a file
 whose bytes would not change is left alone, so running it twice does nothing the second time. The demo
 objective tiny_demo has its own script (data/tiny_demo.py); benchmarks come from data/prepare_data.py.
 """
@@ -15,16 +17,24 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data import nlgraph, tiny_data  # noqa: E402
+from data import nlgraph, tiny_data, tiny_demo  # noqa: E402
 from data.schema import DataError, validate  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "eval"
+QUICK_DEV, QUICK_TEST = 100, 240  # tiny_demo_quick's share of tiny_demo's dev and test splits
+
+
+def tiny_demo_quick(seed=0):
+    """The first QUICK_DEV dev and QUICK_TEST test items of tiny_demo (same generator, same seed)."""
+    full = tiny_demo.make_dataset(seed)
+    return {"dataset": "tiny_demo_quick", "dev": full["dev"][:QUICK_DEV], "test": full["test"][:QUICK_TEST]}
 
 
 def generated_sets(seed=0):
     """[(name, eval type it is validated for, data)] for every generated file."""
     sets = [("nlgraph", "exact_match", nlgraph.make_dataset(seed=seed))]
     sets += [(name, tiny_data.EVAL_TYPE[name], data) for name, data in tiny_data.make_all(seed).items()]
+    sets += [("tiny_demo_quick", "exact_match", tiny_demo_quick(seed))]
     return sets
 
 

@@ -12,13 +12,18 @@ snd -> fourth). The tiny base model is pre-trained on data where each operation 
 its intended or its distractor convention at random, so it knows how to compute both but
 not which one is meant; each tiny expert is fine-tuned on the intended convention of one
 or two operations (initial_experts/expert_init.py). A merge can combine what several
-experts learned. Training items come from this generator with other seeds and never
-repeat a dev/test question.
+experts learned.
+
+The question space (3 operations x 10^5 digit lists) is split once, by a hash of the
+question, into a training part and a reserved evaluation part (1 question in 8). Dev and
+test are drawn only from the reserved part and training data only from the rest, so the
+split sizes (or the dataset seed) never change what the tiny population is trained on.
 
     python data/tiny_demo.py [--out data/eval/tiny_demo.json] [--seed 0]
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -26,8 +31,10 @@ import sys
 from pathlib import Path
 
 SKILLS = ("max", "fst", "snd")
-DEV_SIZE = 100
-TEST_SIZE = 240
+DEV_SIZE = 1000
+TEST_SIZE = 3000
+PARTS = ("train", "eval")
+EVAL_SHARE = 8  # 1 question in EVAL_SHARE belongs to the reserved evaluation part (37,500 questions)
 
 
 def _digits(rng):
@@ -53,18 +60,27 @@ def answer_of(question, distractor=False):
     return str(_RULES[skill_of(question)](digits)[1 if distractor else 0])
 
 
-def make_items(n, seed, skills=SKILLS, weights=None, exclude=(), ambiguous=False):
+def part_of(question):
+    """"eval" for the reserved evaluation part of the question space, else "train" (fixed by a hash)."""
+    digest = hashlib.sha256(question.encode()).digest()
+    return "eval" if digest[0] % EVAL_SHARE == 0 else "train"
+
+
+def make_items(n, seed, skills=SKILLS, weights=None, exclude=(), ambiguous=False, part="train"):
     """n distinct {"question", "answer"} items drawn from the given skill mixture.
 
     Skills are interleaved round-robin when weights is None, so small splits stay balanced;
-    with weights each item's skill is drawn at random. Questions in `exclude` (e.g. the
-    dev/test questions) are never produced. ambiguous=True gives the base model's
+    with weights each item's skill is drawn at random. Only questions of the given part of
+    the question space are produced ("train" for training data, "eval" for dev/test; see
+    part_of), and never one in `exclude`. ambiguous=True gives the base model's
     pre-training data: each answer follows the intended or the distractor convention
     with probability 1/2.
     """
     unknown = [s for s in skills if s not in _RULES]
     if unknown or not skills:
         raise ValueError(f"unknown tiny_demo skill(s) {unknown}; choose from {list(SKILLS)}")
+    if part not in PARTS:
+        raise ValueError(f"unknown part {part!r}; choose from {list(PARTS)}")
     rng = random.Random(f"tiny_demo:{seed}")
     seen = set(exclude)
     items = []
@@ -77,7 +93,7 @@ def make_items(n, seed, skills=SKILLS, weights=None, exclude=(), ambiguous=False
         digits = _digits(rng)
         question = f"{skill} {' '.join(map(str, digits))} ="
         pick = ambiguous and rng.random() < 0.5
-        if question in seen:
+        if question in seen or part_of(question) != part:
             continue
         seen.add(question)
         items.append({"question": question, "answer": str(_RULES[skill](digits)[1 if pick else 0])})
@@ -85,8 +101,8 @@ def make_items(n, seed, skills=SKILLS, weights=None, exclude=(), ambiguous=False
 
 
 def make_dataset(seed=0, dev_size=DEV_SIZE, test_size=TEST_SIZE):
-    """The published-format dataset; dev and test never share a question."""
-    items = make_items(dev_size + test_size, seed)
+    """The published-format dataset from the reserved evaluation part; dev and test never share a question."""
+    items = make_items(dev_size + test_size, seed, part="eval")
     random.Random(f"tiny_demo-split:{seed}").shuffle(items)
     return {"dataset": "tiny_demo", "dev": items[:dev_size], "test": items[dev_size:]}
 

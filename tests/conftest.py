@@ -73,7 +73,8 @@ def tiny(tiny_population):
 
 @pytest.fixture(scope="session")
 def data(tiny_demo_path):
-    """data/eval with every generated set (data/build.py leaves unchanged files alone) plus tiny_demo."""
+    """data/eval with every generated set (data/build.py leaves unchanged files alone; its tiny_demo_quick is what
+    the tests' searches use) plus tiny_demo."""
     proc = run_cli(["data/build.py"], timeout=600)
     if proc.returncode != 0:
         pytest.fail(f"data/build.py failed (rc {proc.returncode}): {proc.stderr[-2000:]}")

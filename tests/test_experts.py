@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import PYTHON, REPO, run_cli
 
 sys.path.insert(0, str(REPO))
-from data.tiny_demo import SKILLS, answer_of, make_dataset, make_items, skill_of  # noqa: E402
+from data.tiny_demo import SKILLS, answer_of, make_dataset, make_items, part_of, skill_of  # noqa: E402
 
 SCRIPT = "initial_experts/expert_init.py"
 EXPERT_NAMES = 10
@@ -37,10 +37,10 @@ def _files(root):
 # ---------------------------------------------------------------- tiny_demo
 
 
-def test_tiny_demo_dataset_is_deterministic_disjoint_and_short():
+def test_tiny_demo_dataset_is_deterministic_disjoint_and_large():
     a, b = make_dataset(0), make_dataset(0)
     assert a == b and a != make_dataset(1)
-    assert a["dataset"] == "tiny_demo" and 60 <= len(a["dev"]) <= 100 and 200 <= len(a["test"]) <= 300
+    assert a["dataset"] == "tiny_demo" and len(a["dev"]) >= 1000 and len(a["test"]) >= 3000
     dev_q = {it["question"] for it in a["dev"]}
     test_q = {it["question"] for it in a["test"]}
     assert not dev_q & test_q and len(dev_q) == len(a["dev"]) and len(test_q) == len(a["test"])
@@ -65,6 +65,21 @@ def test_tiny_demo_answers_are_correct_and_ambiguity_uses_the_distractor():
                   for it in ambiguous]
     assert all(it["answer"] in (answer_of(it["question"]), answer_of(it["question"], True)) for it in ambiguous)
     assert 0.35 < sum(distractor) / len(distractor) < 0.6
+
+
+def test_evaluation_questions_come_from_a_reserved_part_that_training_never_draws():
+    evaluation = make_dataset(0)["dev"] + make_dataset(0)["test"] + make_dataset(1, 50, 50)["test"]
+    assert {part_of(it["question"]) for it in evaluation} == {"eval"}
+    training = make_items(5000, "0:pretrain", ambiguous=True) + make_items(2000, "0:expert:x", skills=("max",))
+    assert {part_of(it["question"]) for it in training} == {"train"}
+    # the reserved part is about 1 question in 8 of the whole space
+    space = [f"{s} {' '.join(f'{i:05d}')} =" for s in SKILLS for i in range(0, 100000, 7)]
+    assert 0.11 < sum(part_of(q) == "eval" for q in space) / len(space) < 0.14
+    # smaller splits are a prefix-free redraw from the same reserved part; training data has no split argument
+    small = make_dataset(0, 10, 20)
+    assert {part_of(it["question"]) for it in small["dev"] + small["test"]} == {"eval"}
+    with pytest.raises(ValueError, match="unknown part"):
+        make_items(1, 0, part="dev")
 
 
 def test_training_items_can_exclude_the_evaluation_questions():
@@ -223,7 +238,11 @@ def _exact_match(model, tok, items):
     return sum(bool(p) and p[0] == it["answer"] for p, it in zip(preds, items)) / len(items)
 
 
-def test_default_experts_differ_and_have_distinct_utilities(tiny_population):
+def test_default_experts_are_specialists_and_their_average_beats_each(tiny_population):
+    """What the README says of the shipped population: each expert has learnt the intended convention of its own
+    operation (its name's prefix) and not the others, and a merge of total weight 1 (the uniform average, in LoRA
+    factor space as --merge_method weighted_average) beats every single expert by a clear margin."""
+    from merge import merge_state_dicts
     from peft import PeftModel, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -237,13 +256,22 @@ def test_default_experts_differ_and_have_distinct_utilities(tiny_population):
     tok = AutoTokenizer.from_pretrained(tiny_population / "base_model")
     base = AutoModelForCausalLM.from_pretrained(tiny_population / "base_model")
     model = PeftModel.from_pretrained(base, experts[0]).eval()
-    dev = make_dataset(0)["dev"]
-    utilities = []
-    for state in states:
+    dev = make_dataset(0)["dev"][:300]
+    by_op = {op: [it for it in dev if skill_of(it["question"]) == op] for op in SKILLS}
+
+    def accuracy(state):
         set_peft_model_state_dict(model, state)
-        utilities.append(_exact_match(model, tok, dev))
-    assert len({round(u, 6) for u in utilities}) >= 3, utilities
-    assert max(utilities) < 1.0
+        return {op: _exact_match(model, tok, items) for op, items in by_op.items()}, _exact_match(model, tok, dev)
+
+    utilities = []
+    for path, state in zip(experts, states):
+        per_op, utility = accuracy(state)
+        own = path.name.split("_")[0]
+        assert per_op[own] > 0.85, (path.name, per_op)
+        assert all(per_op[op] < 0.75 for op in SKILLS if op != own), (path.name, per_op)
+        utilities.append(utility)
+    _, average = accuracy(merge_state_dicts(states, [1 / len(states)] * len(states), "weighted_average"))
+    assert average > max(utilities) + 0.05, (average, utilities)
 
 
 def test_default_reward_model_tracks_its_documented_target(tiny_population):

@@ -32,7 +32,7 @@ def search(root, *args, check=True, timeout=900):
 def three_experts(tiny, tmp_path_factory):
     """Three of the tiny experts (a small population keeps each search short)."""
     folder = tmp_path_factory.mktemp("experts")
-    for name in ("max_a", "fst_b", "snd_max"):
+    for name in ("max_a", "fst_b", "snd_c"):
         os.symlink(tiny.experts / name, folder / name)
     return folder
 

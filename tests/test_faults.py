@@ -19,7 +19,7 @@ from conftest import REPO
 from test_reliability import reference, same_result  # noqa: F401 - reference is a fixture
 from test_search import only_dir, run_search
 
-BASE = ["-n", "bad", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-b", "initial_experts/tiny/base_model"]
+BASE = ["-n", "bad", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu", "-b", "initial_experts/tiny/base_model"]
 SEARCH_ARGS = ["-m", "2", "-p", "5"]
 QUIET_ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
              "OMP_NUM_THREADS": "1"}
@@ -93,12 +93,12 @@ def base_copy(root, tiny, drop=(), replace=None):
 
 
 def dataset_with(root, text):
-    """tiny_demo with one dev question replaced by text (raw JSON, so escapes stay as written)."""
-    data = json.loads((REPO / "data/eval/tiny_demo.json").read_text())
+    """tiny_demo_quick with one dev question replaced by text (raw JSON, so escapes stay as written)."""
+    data = json.loads((REPO / "data/eval/tiny_demo_quick.json").read_text())
     data["dev"][3]["question"] = "@@MARK@@"
     folder = root / "data"
     folder.mkdir()
-    (folder / "tiny_demo.json").write_text(json.dumps(data).replace('"@@MARK@@"', text))
+    (folder / "tiny_demo_quick.json").write_text(json.dumps(data).replace('"@@MARK@@"', text))
     return ["--data_dir", str(folder)]
 
 
@@ -361,7 +361,7 @@ def test_wandb_key_without_network_falls_back_to_offline(tiny, data, tmp_path):
     del env["WANDB_MODE"]
     env.update({"WANDB_API_KEY": "f" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{server.getsockname()[1]}",
                 "HOME": str(tmp_path)})
-    proc = subprocess.run([sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+    proc = subprocess.run([sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
                            "-i", str(tiny.experts), "-b", str(tiny.base), "-m", "0", "--output_root",
                            str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     server.close()
@@ -387,7 +387,7 @@ def resume(directory, timeout=900):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_mid_search_saves_state_and_resumes_bit_for_bit(reference, tmp_path, signum):
     """The process starts with SIGINT ignored (as under nohup): search.py installs its own handler all the same."""
-    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
             "--output_root", str(tmp_path), "--seed", "7", *SEARCH_ARGS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -450,7 +450,7 @@ def test_full_disk_mid_search_then_resume_on_a_larger_disk(reference, tmp_path, 
     saved = tmp_path / "saved"
     script = f"""
 mount -t tmpfs -o size={size_kib}k tmpfs {mount_point} || exit 99
-"$0" search.py -n t -e exact_match -d tiny_demo -g cpu -i initial_experts/tiny/experts \
+"$0" search.py -n t -e exact_match -d tiny_demo_quick -g cpu -i initial_experts/tiny/experts \
     -b initial_experts/tiny/base_model --output_root {mount_point}/out --seed 7 {" ".join(SEARCH_ARGS)} \
     > {tmp_path}/first.out 2> {tmp_path}/first.err
 echo $? > {tmp_path}/first.rc

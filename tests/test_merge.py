@@ -189,7 +189,7 @@ def test_register_a_method_and_use_it_end_to_end(tiny, tiny_population, data, tm
     assert "shrink: a number in [0, 1], default 0.0" in merge.describe_methods()
 
     import search
-    argv = ["-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", str(tiny_population / "experts"),
+    argv = ["-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu", "-i", str(tiny_population / "experts"),
             "-b", str(tiny_population / "base_model"), "--output_root", str(tmp_path), "--merge_method",
             "shrunk_average", "--merge_params", '{"shrink": 0.25}']
     _, setup, _, _ = search.prepare(argv)

@@ -81,7 +81,7 @@ def _wait_for(predicate, proc, timeout, what):
 
 
 def test_ray_backend_survives_a_killed_actor(local_outputs, tmp_path):
-    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
             "--output_root", str(tmp_path), "--seed", "7", *SEARCH, *RAY]
     env = {**os.environ, "WANDB_MODE": "disabled", **RAY_ENV}

@@ -69,7 +69,7 @@ def test_resume_reads_the_float_versions_of_earlier_states(reference, tmp_path):
 
 
 def test_killed_worker_is_restarted_and_its_task_retried(reference, tmp_path):
-    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+    args = [sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
             "--output_root", str(tmp_path), "--seed", "7", *SEARCH_ARGS]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -113,7 +113,7 @@ def test_api_keys_never_reach_output_files(tiny, data, tmp_path):
 
 # --- bad input: one line, exit 2, no traceback, no directory left behind --------------------------------------
 
-BASE = ["-n", "bad", "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", "initial_experts/tiny/experts",
+BASE = ["-n", "bad", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu", "-i", "initial_experts/tiny/experts",
         "-b", "initial_experts/tiny/base_model"]
 
 

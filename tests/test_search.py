@@ -12,7 +12,7 @@ from conftest import REPO, only_dir
 
 
 def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900):
-    args = [sys.executable, "search.py", "-n", name, "-e", "exact_match", "-d", "tiny_demo", "-g", "cpu",
+    args = [sys.executable, "search.py", "-n", name, "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
             "--output_root", str(tmp_path), "--seed", "7", *extra]
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
@@ -80,7 +80,7 @@ def test_global_best_loads_in_peft_and_matches_its_utility(two_iterations, tiny)
     # evaluated afresh, in this process, global_best/ scores the dev utility the search recorded for it
     import evaluate
     recorded = json.load(open(os.path.join(directory, "state.json")))["best"]["utility"]
-    utility = evaluate.evaluate(str(os.path.join(directory, "global_best")), "exact_match", "tiny_demo", "cpu",
+    utility = evaluate.evaluate(str(os.path.join(directory, "global_best")), "exact_match", "tiny_demo_quick", "cpu",
                                 str(tiny.base))
     assert utility == pytest.approx(recorded)
     metrics = json.load(open(os.path.join(directory, "final_metrics.json")))

@@ -36,7 +36,7 @@ def test_equal_score_keeps_the_current_model(tiny, data):
     import evaluate
     from workers import CandidateTask, Source, TaskRunner
     expert = sorted(os.listdir(tiny.experts))[0]
-    runner = TaskRunner("cpu", {"base_model": str(tiny.base), "eval_type": "exact_match", "dataset": "tiny_demo",
+    runner = TaskRunner("cpu", {"base_model": str(tiny.base), "eval_type": "exact_match", "dataset": "tiny_demo_quick",
                                 "evaluate_options": {"data_dir": str(data)}, "torch_threads": 1})
     task = CandidateTask("candidate_0", (Source(str(tiny.experts / expert), 0),), {"kind": "combine", "weights": [1.0]})
     first = runner.run(task)
@@ -181,6 +181,7 @@ def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_pat
     import sys
     out = tmp_path / "runs.json"
     proc = subprocess.run([sys.executable, "benchmarks/compare_optimizers.py", "--budget", "11", "--seeds", "1",
+                           "-d", "tiny_demo_quick",
                            "--optimizers", "bwr", "cma=cma_es --cma_sigma0 0.3", "--output_root", str(tmp_path),
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "WANDB_MODE": "disabled"})
