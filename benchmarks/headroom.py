@@ -5,7 +5,7 @@
 Uses the project's own merge (merge.merge_state_dicts, weighted_average in LoRA factor space) and evaluate()
 on in-memory adapters, on the dataset's dev and test splits:
   1. every expert on dev and test; the starting best is the best on dev (as search.py picks it);
-  2. the uniform average of all experts;
+  2. the uniform average of all experts, and the same scaled to total weight 1.5 and 2;
   3. random search over coefficient vectors of total weight 1 (what a BWR update of members of total weight 1
      produces): a random subset of 2..n experts with Dirichlet(1) weights; the best on dev is scored on test.
 Prints each gain over the starting best on test with its paired standard error (std of per-item score
@@ -107,6 +107,9 @@ def main(argv=None):
               f"(paired SE)  weights {np.round(weights, 2).tolist()}", flush=True)
 
     report("uniform average", np.full(len(names), 1.0 / len(names)))
+    # total weight above 1: where BWR's updates of members of total weight 1 do not go (README, "Merge headroom")
+    for total in (1.5, 2.0):
+        report(f"uniform average scaled to total weight {total}", np.full(len(names), total / len(names)))
 
     rng = np.random.default_rng(args.seed)
     best_w, best_dev = None, -1.0
