@@ -32,8 +32,10 @@ data: venv
 demo: tiny data
 	PYTHON=$(PY) bash search_demo.sh
 
+# two pytest workers, one test file each at a time (the suite is CPU-bound single-threaded work: 2 cores, 2 workers)
+TEST_WORKERS ?= 2
 test: tiny data
-	WANDB_MODE=disabled $(PY) -m pytest -q tests
+	WANDB_MODE=disabled $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations 15 tests
 
 # CPU benchmarks (benchmarks/bench_gpu.py needs a GPU: run it by hand)
 bench: tiny data
