@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from data import nlgraph, prepare_data, tiny_data  # noqa: E402
+from data import nlgraph, prepare_data, tiny_data, tiny_demo  # noqa: E402
 from data.schema import (EVAL_TYPES, MULTITASK_DOMAINS, DataError, available_datasets,  # noqa: E402
                          load_eval_data, validate)
 
@@ -354,7 +354,8 @@ def test_build_writes_valid_files_idempotently(tmp_path):
     first = run(["data/build.py", "--out", str(out)])
     assert first.returncode == 0, first.stderr
     names = sorted(p.stem for p in out.glob("*.json"))
-    assert names == sorted(["nlgraph", "tiny_mc", "tiny_mc_icl", "tiny_em", "tiny_rm", "tiny_human"])
+    assert names == sorted(["nlgraph", "tiny_mc", "tiny_mc_icl", "tiny_em", "tiny_rm", "tiny_human",
+                            "tiny_demo_quick"])
     snapshot = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.glob("*.json")}
     second = run(["-m", "data.build", "--out", str(out)])
     assert second.returncode == 0 and second.stdout.count("unchanged") == len(names)
@@ -368,6 +369,9 @@ def test_build_writes_valid_files_idempotently(tmp_path):
     domain = load_eval_data("tiny_domain", "multitask", data_dir=out)
     assert domain["eval_types"] == {"tiny_mc": "multiple_choice", "tiny_em": "exact_match"}
     assert (out / "nlgraph.json").read_text() == nlgraph.to_text(nlgraph.make_dataset())
+    # tiny_demo_quick is the head of tiny_demo's splits, under its own name
+    quick, full = json.loads((out / "tiny_demo_quick.json").read_text()), tiny_demo.make_dataset(0)
+    assert quick == {"dataset": "tiny_demo_quick", "dev": full["dev"][:100], "test": full["test"][:240]}
 
 
 def test_committed_phd_prompts():
