@@ -212,9 +212,11 @@ class Setup:
     wandb_note: str | None  # why it is not the requested one, when it is not
 
 
-def validate_args(args):
-    """Every check that needs no model: runs before any directory is made or worker started. Returns the Setup
-    derived from the arguments."""
+def validate_args(args, start_workers=None):
+    """Every check that needs no model: runs before any directory is made. Returns the Setup derived from the
+    arguments. start_workers(devices, merge_params), when given, is called once the arguments themselves are known
+    to be usable, before the checks that read experts, tokenizer and data: the workers import their libraries and
+    load the base model meanwhile (a few seconds here; minutes for a 7B model)."""
     # the device check comes first: on a machine without GPUs the GPU starter scripts stop at once
     devices = parse_devices(args.gpus, args.num_cpu_workers, args.backend)
     if args.backend == "ray":
@@ -263,6 +265,8 @@ def validate_args(args):
     if base_index is not None and base_index >= len(experts):
         raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
                          f"{len(experts)} experts (valid: 0..{len(experts) - 1})")
+    if start_workers is not None:
+        start_workers(devices, merge_params)
     check_experts(experts, args.base_model, args.fast_merge, args.trust_remote_code)
     # a prompt longer than the base model's context is no error to the model: it would generate past its trained
     # positions, for minutes and to no use, so it is found here, before any directory or worker exists
@@ -638,8 +642,28 @@ class Log:
 # ----------------------------------------------------------------------------------------------------------------
 # The search
 
+def worker_config(a, devices, merge_params):
+    """What every worker is started with (the same for a search and its resume)."""
+    eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "scoring": a.scoring,
+                    "reward_model": a.reward_model,
+                    "trust_remote_code": bool(a.trust_remote_code), "judge_model": a.judge_model,
+                    "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
+    threads = a.num_cpu_when_merging
+    if devices and devices[0] == "cpu":
+        # an explicit OMP_NUM_THREADS wins: on a machine shared with other jobs, more torch threads than free
+        # cores make every small op wait for a descheduled thread (on 2 cores with one taken, the tiny model's
+        # forward passes ran 40-50x slower with 2 threads than with 1)
+        omp = os.environ.get("OMP_NUM_THREADS", "")
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(threads, cpus // len(devices))
+    return {"base_model": os.path.abspath(a.base_model) if os.path.isdir(a.base_model) else a.base_model,
+            "eval_type": a.eval_type, "dataset": a.dataset, "only_one_or_two": a.only_one_or_two,
+            "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": merge_params,
+            "evaluate_options": eval_options, "torch_threads": threads, "to_visualize": a.to_visualize}
+
+
 class Search:
-    def __init__(self, args, setup, directory, args_sha256, state=None):
+    def __init__(self, args, setup, directory, args_sha256, state=None, pool=None):
         self.args = args
         self.setup = setup
         self.args_sha256 = args_sha256  # args.json's: every commit writes it into state.json
@@ -649,7 +673,7 @@ class Search:
         self.trash = Trash(directory)
         self.log = Log(os.path.join(directory, "log.txt"))
         self.state = state
-        self.pool = None
+        self.pool = pool  # the local workers prepare() started, or None: start_pool starts them
         self.wandb = None
         self.optimizer = None  # optimizers.make(): set by initialise(), or restored from the state by run()
 
@@ -683,27 +707,15 @@ class Search:
                              cache_as=(self.cand(i), version), merge_method=merge_method)
 
     def worker_config(self):
-        a, devices = self.args, self.setup.devices
-        eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "scoring": a.scoring,
-                        "reward_model": a.reward_model,
-                        "trust_remote_code": bool(a.trust_remote_code), "judge_model": a.judge_model,
-                        "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
-        threads = a.num_cpu_when_merging
-        if devices and devices[0] == "cpu":
-            # an explicit OMP_NUM_THREADS wins: on a machine shared with other jobs, more torch threads than free
-            # cores make every small op wait for a descheduled thread (on 2 cores with one taken, the tiny model's
-            # forward passes ran 40-50x slower with 2 threads than with 1)
-            omp = os.environ.get("OMP_NUM_THREADS", "")
-            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(threads, cpus // len(devices))
-        return {"base_model": os.path.abspath(a.base_model) if os.path.isdir(a.base_model) else a.base_model,
-                "eval_type": a.eval_type, "dataset": a.dataset, "only_one_or_two": a.only_one_or_two,
-                "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": self.setup.merge_params,
-                "evaluate_options": eval_options, "torch_threads": threads, "to_visualize": a.to_visualize}
+        return worker_config(self.args, self.setup.devices, self.setup.merge_params)
 
     def start_pool(self):
         config = self.worker_config()
         devices = list(self.setup.devices)
+        if self.pool is not None:  # started by prepare() while it validated
+            self.log(f"{len(devices)} local worker(s) on {devices} started during validation")
+            self.pool.log = self.log
+            return
         self.log(f"starting {len(devices)} {self.args.backend} worker(s) on {devices}")
         if self.args.backend == "ray":
             from workers import RayPool
@@ -1491,10 +1503,27 @@ def check_state(directory, state, recorded):
 
 
 def prepare(argv):
-    """Parse and validate; returns (args, setup, directory, state or None). Creates nothing before validation
-    passed."""
+    """Parse and validate; returns (args, setup, directory, state or None, pool or None). Creates no file before
+    validation passed. The local workers are started part-way through validation (validate_args) and killed if
+    it fails."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    started = []
+
+    def start_workers(devices, merge_params):
+        if args.backend == "local":
+            config = {**worker_config(args, devices, merge_params), "preload": True}
+            started.append(LocalPool(devices, config, wait=False))
+    try:
+        args, setup, directory, state = _prepare(args, argv, start_workers)
+    except BaseException:
+        for pool in started:
+            pool.kill()
+        raise
+    return args, setup, directory, state, (started[0] if started else None)
+
+
+def _prepare(args, argv, start_workers):
     if args.resume:
         directory = args.resume.rstrip("/")
         if not os.path.isfile(os.path.join(directory, "args.json")):
@@ -1519,7 +1548,7 @@ def prepare(argv):
             state = read_resume_file(directory, "state.json")
             check_state(directory, state, recorded)
             upgrade_versions(state)
-        setup = validate_args(args)
+        setup = validate_args(args, start_workers)
         if state is not None:
             apply_moves(state.get("pending_moves", []))
             state["pending_moves"] = []
@@ -1529,7 +1558,7 @@ def prepare(argv):
                 raise UsageError(f"--resume {directory}: {missing[0]}/ is missing; the search cannot continue "
                                  f"without its population")
         return args, setup, directory, state
-    setup = validate_args(args)
+    setup = validate_args(args, start_workers)
     root = args.output_root
     try:
         os.makedirs(root, exist_ok=True)
@@ -1605,7 +1634,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     INTERRUPTS.install()
     try:
-        args, setup, directory, state = prepare(argv)
+        args, setup, directory, state, pool = prepare(argv)
     except UsageError as e:
         print(f"search.py: error: {e}", file=sys.stderr)
         return 2
@@ -1620,7 +1649,8 @@ def main(argv=None):
             recorded = public_args(args)
             recorded["args_sha256"] = args_checksum(recorded)
             write_json(os.path.join(directory, "args.json"), recorded)
-        search = Search(args, setup, directory, read_json(os.path.join(directory, "args.json"))["args_sha256"], state)
+        search = Search(args, setup, directory, read_json(os.path.join(directory, "args.json"))["args_sha256"], state,
+                        pool)
         print(f"log: {os.path.join(directory, 'log.txt')}", flush=True)
         search.log(f"{'resuming' if args.resume else 'starting'} search in {directory}")
         if setup.ignored:

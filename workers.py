@@ -99,6 +99,12 @@ class TaskRunner:
         evaluate.configure(**config.get("evaluate_options", {}))
         self.adapters = {}  # path -> {version: (state dict, adapter config)}; read from disk once per version
 
+    def preload(self):
+        """The base model on this device and the libraries a candidate needs, ahead of the first task."""
+        import evaluate
+        import peft  # noqa: F401 - imported by the first adapter candidate otherwise
+        evaluate.get_host(self.config["base_model"], self.device)
+
     def load(self, path, version, read_from=None):
         """Adapter at a given version. Versions only grow, so older cached versions of a path are dropped.
         read_from: where that version is on disk while path still holds the previous one (a candidate accepted in
@@ -285,6 +291,13 @@ def _worker_main(device, config, conn):
         conn.send({"error": f"worker on {device} failed to start: {type(e).__name__}: {e}"})
         return
     conn.send({"ready": True})
+    if config.get("preload"):
+        # started while the driver still validates: load the base model now, so that the search's first task finds
+        # it resident. A failure here is left to that task, which meets it again and reports it with its context
+        try:
+            runner.preload()
+        except Exception:  # noqa: BLE001
+            pass
     while True:
         try:
             task = conn.recv()
@@ -364,20 +377,30 @@ class LocalPool(Pool):
     start_timeout = 600.0  # seconds to load a base model; a 7B model from a slow disk can take minutes
     poll_interval = 0.5
 
-    def __init__(self, devices, config, log=print):
+    def __init__(self, devices, config, log=print, wait=True):
+        """wait=False returns as soon as the processes are spawned: the driver goes on validating while they import
+        torch and (config["preload"]) load the base model; the first run() waits for them."""
         self.devices = list(devices)
         self.config = config
         self.log = log
         self.ctx = mp.get_context("spawn")  # fork would copy the driver's threads and CUDA state
         self.workers = [None] * len(self.devices)
+        self.starting = True
         try:
             for slot in range(len(self.devices)):
                 self._start(slot)
-            for slot in range(len(self.devices)):
-                self._wait_ready(slot)
+            if wait:
+                self._begin([])
         except BaseException:
             self.close()
             raise
+
+    def _begin(self, tasks):
+        if self.starting:
+            for slot in range(len(self.devices)):
+                self._wait_ready(slot)
+            self.starting = False
+        return tasks
 
     def _start(self, slot):
         parent, child = self.ctx.Pipe()
@@ -452,6 +475,17 @@ class LocalPool(Pool):
             done.append((slot, message, None if message is not None else _exit_cause(process.exitcode)))
         return done
 
+    def kill(self):
+        """Stop every worker at once (the search did not start: nothing of theirs is worth waiting for)."""
+        for entry in self.workers:
+            if entry is not None:
+                entry[0].kill()
+        for entry in self.workers:
+            if entry is not None:
+                entry[0].join(5)
+                entry[1].close()
+        self.workers = [None] * len(self.devices)
+
     def close(self):
         for entry in self.workers:
             if entry is None:
@@ -507,6 +541,12 @@ class _ShippedRunner(TaskRunner):
 
     def is_adapter(self, path):
         return any(p == path for p, _ in self.refs)
+
+    def preload(self):
+        """The base model on this device and the libraries a candidate needs, ahead of the first task."""
+        import evaluate
+        import peft  # noqa: F401 - imported by the first adapter candidate otherwise
+        evaluate.get_host(self.config["base_model"], self.device)
 
     def load(self, path, version, read_from=None):
         import ray

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -247,6 +248,19 @@ CASES = {
 }
 
 
+def processes_with(marker):
+    """Pids of live processes whose environment holds marker (a search's workers inherit the driver's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def tree_digest(path):
     """Names and contents of every file under path (to show that a refused resume changed nothing)."""
     digest = {}
@@ -274,7 +288,8 @@ def run_case(name, root, tiny, finished):
     output_root = root / "out"
     if not resumed:
         args = args + ["--output_root", str(output_root)]
-    env = {**os.environ, **QUIET_ENV, **options.get("env", {})}
+    marker = f"BWR_FAULT_CASE={uuid.uuid4().hex}"
+    env = {**os.environ, **QUIET_ENV, **options.get("env", {}), "BWR_FAULT_CASE": marker.split("=")[1]}
     start = time.time()
     command = [sys.executable, "search.py", *args]
     if "file_size_kib" in options:
@@ -294,12 +309,15 @@ def run_case(name, root, tiny, finished):
         problems.append(f"left {os.listdir(output_root)}")
     if resumed and tree_digest(resumed) != before:
         problems.append("the refused resume changed the search directory")
+    # the workers start while the driver validates: a refused input must not leave one running
+    if processes_with(marker):
+        problems.append(f"left worker processes {processes_with(marker)}")
     return name, problems, proc.stderr.strip()[-600:], time.time() - start
 
 
 def test_table_of_bad_inputs_and_faults(tiny, data, finished, tmp_path):
-    """Each case: exit status 2 (1 for a full disk), one line on stderr, no traceback, no new directory, and a
-    refused resume leaves the search directory byte for byte as it was."""
+    """Each case: exit status 2 (1 for a full disk), one line on stderr, no traceback, no new directory, no worker
+    process left running, and a refused resume leaves the search directory byte for byte as it was."""
     assert len(CASES) >= 30
     with ThreadPoolExecutor(max_workers=2) as pool:
         outcomes = list(pool.map(lambda item: run_case(item[1], tmp_path / f"case{item[0]}", tiny, finished),

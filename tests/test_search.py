@@ -53,6 +53,7 @@ def test_search_produces_every_output(two_iterations):
     assert "top3_ensemble_test_accuracy" in metrics
     assert metrics["ending_best_validation_utility"] >= metrics["starting_best_validation_utility"]
     assert "profile:" in log and "forward" in log
+    assert "1 local worker(s) on ['cpu'] started during validation" in log  # spawned before the expert checks
     assert os.path.basename(directory).startswith("t_")
     state = json.load(open(os.path.join(directory, "state.json")))
     # every candidate's per-item dev scores at every iteration; their mean is the utility recorded then
