@@ -28,7 +28,8 @@ machine with one core busy), which would measure the neighbours rather than the 
 search's own default (cores / workers).
 
     python benchmarks/bench_search.py                    # everything, about 25-40 minutes on 2 busy cores
-    python benchmarks/bench_search.py --sections 1       # side by side and start-up only (about 15-25 minutes)
+    python benchmarks/bench_search.py --sections 1       # side by side and start-up only (about 20-30 minutes)
+    python benchmarks/bench_search.py --sections 1 --dataset tiny_demo_quick --start_methods fork   # 100 dev items
     python benchmarks/bench_search.py --quick            # one repetition, 'fork' only, reduced grid (a smoke test)
     python benchmarks/bench_search.py --sections 6 --before ../before --iterations 6   # before/after a change
 """
@@ -160,19 +161,21 @@ def fmt(values, digits=2, unit=""):
     return f"{middle:.{digits}f}{unit} ({low:.{digits}f}-{high:.{digits}f})"
 
 
-def run_ours(root, iterations, threads, repo=REPO):
+def run_ours(root, iterations, threads, repo=REPO, dataset="tiny_demo"):
     """search_demo.sh -m ITERATIONS (the demo's settings) as a subprocess. Returns the per-iteration profiles, the
     evaluations per iteration (candidates + stray restarts) and the start-up phases, timed by polling log.txt:
-    driver (process start to the first log line: imports and argument validation), workers (to "initialising":
-    worker spawned and ready), initial evaluation (to "starting best": every candidate and the starting best's test
-    set; the worker loads the base model on its first task, so that load is in this phase)."""
+    driver (process start to the first log line: imports and argument validation; the worker is spawned part-way
+    through and imports its libraries and loads the base model meanwhile), workers (to "initialising": the driver
+    waits for the worker to be ready), initial evaluation (to "starting best": every candidate and the starting
+    best's test set; whatever of the worker's model load is not done yet falls here)."""
     root = Path(root)
     env = search_env(threads)
     env["PYTHON"] = sys.executable
     marks = {"starting search": "driver", "initialising": "workers", "starting best": "initial_evaluation"}
     seen = {}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "--output_root", str(root)], cwd=repo,
+    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "-d", dataset, "--output_root", str(root)],
+                            cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     while proc.poll() is None and len(seen) < len(marks):
         time.sleep(0.01)
@@ -196,21 +199,22 @@ def run_ours(root, iterations, threads, repo=REPO):
             "evaluations": n + sum(restarts) / max(1, len(state["profile"])), "startup": startup}
 
 
-def run_published(root, iterations, threads, start_method):
+def run_published(root, iterations, threads, start_method, dataset="tiny_demo"):
     env = search_env(threads)
     env["BENCH_T0"] = repr(time.time())
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "published_baseline.py"), "--out", str(root),
-                          "-m", str(iterations), "--start_method", start_method, "--threads", str(max(threads, 1))],
+                          "-m", str(iterations), "--start_method", start_method, "--threads", str(max(threads, 1)),
+                          "-d", dataset],
                          cwd=REPO, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"published_baseline.py failed ({out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def section_side_by_side(tmp, repetitions, iterations, threads, start_methods):
+def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, dataset="tiny_demo"):
     """Interleaved runs (the order rotates each repetition so that a change of the machine's load hits every
     path alike); for every run the median over its iterations, then median (min-max) over the repetitions."""
-    print(f"\n[1] this project (search_demo.sh -m {iterations}) vs the published loop "
+    print(f"\n[1] this project (search_demo.sh -m {iterations} -d {dataset}) vs the published loop "
           f"(benchmarks/published_baseline.py, pools started with {' / '.join(start_methods)}), same population, "
           f"dev set and machine, {repetitions} interleaved repetitions; median (min-max) over repetitions of each "
           f"run's median iteration")
@@ -221,7 +225,7 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods):
             load = os.getloadavg()[0]
             root = Path(tmp) / f"{p}_{r}"
             if p == "ours":
-                result = run_ours(root, iterations, threads)
+                result = run_ours(root, iterations, threads, dataset=dataset)
                 walls = [it["wall"] for it in result["iterations"]]
                 share = median_range([it["forward"] / it["wall"] for it in result["iterations"]])[0]
                 run = {"wall": median_range(walls)[0], "candidates": result["candidates"],
@@ -229,7 +233,7 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods):
                        "profile": {k: median_range([it[k] for it in result["iterations"]])[0]
                                    for k in result["iterations"][0]}}
             else:
-                result = run_published(root, iterations, threads, p.split("_", 1)[1])
+                result = run_published(root, iterations, threads, p.split("_", 1)[1], dataset)
                 its = result["iterations"]
                 run = {"wall": median_range([it["wall"] for it in its])[0], "candidates": its[0]["candidates"],
                        "evaluations": median_range([it["evaluations"] for it in its])[0],
@@ -267,15 +271,15 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods):
               f"{fmt([x['profile']['sleep_artefact'] for x in runs[p]], 1, ' s')} per iteration (not in the figures "
               f"above)")
     print(f"\n[2] start-up before the first iteration, median (min-max) s over the same runs")
-    # the worker loads transformers, peft and the base model on its first task: the initial evaluation less
-    # (candidates + 1) evaluations at the run's own per-evaluation speed estimates that first-use load
+    # the initial evaluation less (candidates + 1) evaluations at the run's own per-evaluation speed estimates what
+    # of the worker's set-up (transformers/peft imports, base model load, first LoRA slot) was not done before
     first_use = [x["startup"]["initial_evaluation"] - (x["candidates"] + 1) * x["wall"] / x["evaluations"]
                  for x in ours]
     print(f"  ours: driver (process start to its first log line: imports, argument checks) "
-          f"{fmt([x['startup']['driver'] for x in ours])}, worker spawn + torch import "
+          f"{fmt([x['startup']['driver'] for x in ours])} (the worker starts during it), then waiting for the worker "
           f"{fmt([x['startup']['workers'] for x in ours])}, initial evaluation (10 candidates + the starting best's "
-          f"test set; the worker's first task also imports transformers/peft and loads the base model, about "
-          f"{fmt(first_use)} of it) {fmt([x['startup']['initial_evaluation'] for x in ours])}; total "
+          f"test set; of it, the worker's set-up left over, about "
+          f"{fmt(first_use)}) {fmt([x['startup']['initial_evaluation'] for x in ours])}; total "
           f"{fmt([x['startup']['total'] for x in ours])}")
     for p in paths[1:]:
         rows = runs[p]
@@ -473,6 +477,8 @@ def main():
     parser.add_argument("--iterations", type=int, default=3, help="iterations per run in sections 1 and 6 (-m)")
     parser.add_argument("--start_methods", default="spawn,fork",
                         help="pool start methods of the published loop in section 1 (default both; --quick: fork)")
+    parser.add_argument("--dataset", default="tiny_demo",
+                        help="section 1's objective, a tiny_demo-format set in data/eval (tiny_demo_quick: 100 dev items)")
     parser.add_argument("--threads", type=int, default=1,
                         help="OMP_NUM_THREADS of every process (default 1; 0: the search's own default)")
     args = parser.parse_args()
@@ -485,7 +491,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         if "1" in sections:
             section_side_by_side(tmp, 1 if quick else args.repetitions, args.iterations, args.threads,
-                                 ["fork"] if quick else [m.strip() for m in args.start_methods.split(",")])
+                                 ["fork"] if quick else [m.strip() for m in args.start_methods.split(",")], args.dataset)
         if "3" in sections:
             section_scaling(tmp, [10, 20] if quick else [10, 20, 40], [50, 100] if quick else [50, 100, 200],
                             2 if quick else 3, args.threads)
