@@ -1502,20 +1502,20 @@ def check_state(directory, state, recorded):
         raise damaged("'pending_moves' is not a list")
 
 
-def prepare(argv):
+def prepare(argv, start_workers=True):
     """Parse and validate; returns (args, setup, directory, state or None, pool or None). Creates no file before
     validation passed. The local workers are started part-way through validation (validate_args) and killed if
-    it fails."""
+    it fails; start_workers=False only validates (pool None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     started = []
 
-    def start_workers(devices, merge_params):
-        if args.backend == "local":
+    def early_start(devices, merge_params):
+        if start_workers and args.backend == "local":
             config = {**worker_config(args, devices, merge_params), "preload": True}
             started.append(LocalPool(devices, config, wait=False))
     try:
-        args, setup, directory, state = _prepare(args, argv, start_workers)
+        args, setup, directory, state = _prepare(args, argv, early_start)
     except BaseException:
         for pool in started:
             pool.kill()

@@ -192,10 +192,11 @@ def test_register_a_method_and_use_it_end_to_end(tiny, tiny_population, data, tm
     argv = ["-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu", "-i", str(tiny_population / "experts"),
             "-b", str(tiny_population / "base_model"), "--output_root", str(tmp_path), "--merge_method",
             "shrunk_average", "--merge_params", '{"shrink": 0.25}']
-    _, setup, _, _ = search.prepare(argv)
+    _, setup, _, _, pool = search.prepare(argv, start_workers=False)
+    assert pool is None
     assert setup.merge_params == {"shrink": 0.25}
     with pytest.raises(search.UsageError, match=r"'shrink' for shrunk_average must be a number in \[0, 1\], got -1"):
-        search.prepare(argv[:-1] + ['{"shrink": -1}'])
+        search.prepare(argv[:-1] + ['{"shrink": -1}'], start_workers=False)
     help_text = " ".join(search.build_parser().format_help().split())  # argparse wraps lines
     assert "shrunk_average: (1 - shrink) sum_i w_i" in help_text and "shrink (a number in [0, 1]) [0.0]" in help_text
 
