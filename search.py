@@ -710,12 +710,12 @@ class Search:
         return worker_config(self.args, self.setup.devices, self.setup.merge_params)
 
     def start_pool(self):
-        config = self.worker_config()
         devices = list(self.setup.devices)
         if self.pool is not None:  # started by prepare() while it validated
             self.log(f"{len(devices)} local worker(s) on {devices} started during validation")
             self.pool.log = self.log
             return
+        config = self.worker_config()
         self.log(f"starting {len(devices)} {self.args.backend} worker(s) on {devices}")
         if self.args.backend == "ray":
             from workers import RayPool
