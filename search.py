@@ -706,16 +706,13 @@ class Search:
                              save_to=os.path.join(self.staging, f"candidate_{i}{suffix}"),
                              cache_as=(self.cand(i), version), merge_method=merge_method)
 
-    def worker_config(self):
-        return worker_config(self.args, self.setup.devices, self.setup.merge_params)
-
     def start_pool(self):
         devices = list(self.setup.devices)
         if self.pool is not None:  # started by prepare() while it validated
             self.log(f"{len(devices)} local worker(s) on {devices} started during validation")
             self.pool.log = self.log
             return
-        config = self.worker_config()
+        config = worker_config(self.args, self.setup.devices, self.setup.merge_params)
         self.log(f"starting {len(devices)} {self.args.backend} worker(s) on {devices}")
         if self.args.backend == "ray":
             from workers import RayPool

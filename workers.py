@@ -12,7 +12,8 @@ The interface another executor implements (see RayPool) is small:
     pool.close()
 
 A task is a small frozen dataclass (below: Source, CandidateTask, EvaluateTask); it pickles unchanged across
-process and machine boundaries. search.py builds them in one place (Search.candidate_task, Search.evaluate_task).
+process and machine boundaries. search.py builds candidate tasks in one place (Search.candidate_task), and
+EvaluateTask(...) in initialise and finish.
 
 A result is {"utility": float, "accepted": bool, "details": {...}, "timing": {...}} or {"error": str}.
 """
