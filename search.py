@@ -1687,5 +1687,17 @@ def main(argv=None):
             search.close()
 
 
+def exit_at_once(code):
+    """Leave without the interpreter's teardown, which takes about a second with torch and transformers loaded.
+    main() has closed what needs closing by the time it returns (log lines are written whole, the workers are
+    joined, .trash/ emptied); W&B and Ray register exit hooks of their own, so a search that loaded either exits the
+    normal way."""
+    if "wandb" in sys.modules or "ray" in sys.modules:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_at_once(main())

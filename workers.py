@@ -24,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 import traceback
 import warnings
@@ -305,7 +306,7 @@ def _worker_main(device, config, conn):
         except (EOFError, KeyboardInterrupt):
             return
         if task is None:
-            return
+            _exit_at_once()
         try:
             result = runner.run(task)
         except KeyboardInterrupt:
@@ -313,6 +314,15 @@ def _worker_main(device, config, conn):
         except BaseException as e:  # noqa: BLE001
             result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         conn.send(result)
+
+
+def _exit_at_once():
+    """A worker told to stop has nothing left to save: its results went back through the pipe and the files its
+    tasks wrote are closed. Interpreter teardown with torch, transformers and peft loaded takes about a second, which
+    the driver's close() would wait for at the end of every search, so the worker leaves without it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -319,7 +319,7 @@ for _ in range(steps):
 model.save_pretrained(out)
 json.dump(held_out, open(out + "/held_out.json", "w"))
 """
-MC_ADAPTER_STEPS = 150
+MC_ADAPTER_STEPS = 80
 
 
 @pytest.fixture(scope="module")

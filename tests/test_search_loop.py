@@ -21,11 +21,19 @@ def read(directory, name):
 
 # --- defect 8: patience, equal-score acceptance, global worst -----------------------------------------------------
 
-def test_patience_follows_the_published_loop(tiny, data, tmp_path):
+@pytest.fixture(scope="module")
+def first_iteration(tiny, data, tmp_path_factory):
+    """A seed-7 search that patience stops after its first iteration: the run three tests below read (a search is
+    10 s of this suite, so they share it)."""
+    root = tmp_path_factory.mktemp("first_iteration")
+    run_search(root, "-m", "4", "-p", "1")
+    return only_dir(root)
+
+
+def test_patience_follows_the_published_loop(first_iteration):
     """The published loop stops before an iteration when the best's history has more than p entries and its last p
     are equal: with -p 1 that is after the first iteration, whatever it found (seed 7 finds a new best in it)."""
-    run_search(tmp_path, "-m", "4", "-p", "1")
-    state = read(only_dir(tmp_path), "state.json")
+    state = read(first_iteration, "state.json")
     assert state["iteration"] == 1
     assert state["history"]["best"][1] > state["history"]["best"][0]  # the run this test relies on
 
@@ -47,11 +55,10 @@ def test_equal_score_keeps_the_current_model(tiny, data):
     evaluate.configure(reset=True)
 
 
-def test_global_worst_is_the_worst_ever(tiny, data, tmp_path):
+def test_global_worst_is_the_worst_ever(first_iteration):
     """The scratchpad's worst and global_worst/ are the worst candidate ever seen (published: a new worst replaces
     it only if lower), not the final population's worst (seed 7's worst initial expert improves in iteration 1)."""
-    run_search(tmp_path, "-m", "1", "-p", "9")
-    directory = only_dir(tmp_path)
+    directory = first_iteration
     pad, state = read(directory, "utility_scratchpad.json"), read(directory, "state.json")
     every = [u for i in range(10) for u in pad[f"candidate_{i}_history"]]
     assert pad["worst"] == min(every) == state["worst"]["utility"]
@@ -95,23 +102,6 @@ def test_moved_best_is_named_with_its_iteration(tiny, data, tmp_path):
 
 # --- optimizers, budget, resume ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("optimizer", ["pso", "cma_es", "random"])
-def test_optimizer_runs_end_to_end_within_its_budget(optimizer, tiny, data, tmp_path):
-    run_search(tmp_path, "-m", "9", "-p", "9", "--optimizer", optimizer, "--max_evaluations", "25")
-    directory = only_dir(tmp_path)
-    metrics, state = read(directory, "final_metrics.json"), read(directory, "state.json")
-    assert metrics["optimizer"] == optimizer
-    # 10 initial evaluations, 10 in iteration 1, the budget's last 5 in iteration 2: stopped exactly on it
-    assert metrics["dev_evaluations"] == 25 and state["evaluations_history"] == [10, 10, 5]
-    assert state["iteration"] == 2
-    assert "reached --max_evaluations 25" in open(os.path.join(directory, "log.txt")).read()
-    pad = read(directory, "utility_scratchpad.json")
-    assert pad["best"] == max(u for i in range(10) for u in pad[f"candidate_{i}_history"])
-    for key in ("test_gain_over_starting_best", "test_gain_paired_se", "dev_gain_over_starting_best"):
-        assert key in metrics
-    assert os.path.exists(os.path.join(directory, "global_best", "adapter_model.safetensors"))
-
-
 def test_budget_counts_bwr_restarts_and_stops_exactly(tiny, data, tmp_path):
     run_search(tmp_path, "-m", "9", "-p", "9", "--restart_patience", "0.1", "--max_evaluations", "33")
     directory = only_dir(tmp_path)
@@ -139,9 +129,8 @@ def test_paired_gain_on_a_constructed_example():
     assert paired_gain(before, after[:5]) is None and paired_gain(None, after) is None
 
 
-def test_paired_statistics_match_the_per_item_files(tiny, data, tmp_path):
-    run_search(tmp_path, "-m", "1", "-p", "5")
-    directory = only_dir(tmp_path)
+def test_paired_statistics_match_the_per_item_files(first_iteration):
+    directory = first_iteration
     metrics, state = read(directory, "final_metrics.json"), read(directory, "state.json")
     after = read(os.path.join(directory, "global_best"), "golds_preds_test.json")["scores"]
     before = state["starting_best"]["test_scores"]
@@ -156,21 +145,36 @@ def test_paired_statistics_match_the_per_item_files(tiny, data, tmp_path):
 
 @pytest.mark.parametrize("optimizer,point", [("pso", "evaluation:15"), ("cma_es", "move:15"),
                                              ("random", "before_commit:2")])
-def test_sigkill_then_resume_is_bit_for_bit_for_each_optimizer(optimizer, point, tiny, data, tmp_path):
+def test_optimizer_keeps_its_budget_and_resumes_bit_for_bit(optimizer, point, tiny, data, tmp_path):
+    """Each optimizer end to end: it stops exactly on --max_evaluations, and a run SIGKILLed at point and resumed
+    ends with the uninterrupted run's scratchpad and global_best/ weights."""
     import signal
     import subprocess
     import sys
-    args = ("-m", "2", "-p", "5", "--optimizer", optimizer)
+    args = ("-m", "9", "-p", "9", "--optimizer", optimizer, "--max_evaluations", "25")
     run_search(tmp_path / "reference", *args)
+    reference = only_dir(tmp_path / "reference")
+    metrics, state = read(reference, "final_metrics.json"), read(reference, "state.json")
+    assert metrics["optimizer"] == optimizer
+    # 10 initial evaluations, 10 in iteration 1, the budget's last 5 in iteration 2: stopped exactly on it
+    assert metrics["dev_evaluations"] == 25 and state["evaluations_history"] == [10, 10, 5]
+    assert state["iteration"] == 2
+    assert "reached --max_evaluations 25" in open(os.path.join(reference, "log.txt")).read()
+    pad = read(reference, "utility_scratchpad.json")
+    assert pad["best"] == max(u for i in range(10) for u in pad[f"candidate_{i}_history"])
+    for key in ("test_gain_over_starting_best", "test_gain_paired_se", "dev_gain_over_starting_best"):
+        assert key in metrics
+    assert os.path.exists(os.path.join(reference, "global_best", "adapter_model.safetensors"))
+
     proc = run_search(tmp_path / "killed", *args, env={"BWR_CRASH_AT": point}, check=False)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     directory = only_dir(tmp_path / "killed")
     resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
                              text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    reference = only_dir(tmp_path / "reference")
     assert read(reference, "utility_scratchpad.json") == read(directory, "utility_scratchpad.json")
-    assert read(reference, "state.json")["optimizer"] == read(directory, "state.json")["optimizer"]
+    assert read(directory, "state.json")["optimizer"] == state["optimizer"]
+    assert read(directory, "state.json")["evaluations_history"] == [10, 10, 5]
     wa = load_file(os.path.join(reference, "global_best", "adapter_model.safetensors"))
     wb = load_file(os.path.join(directory, "global_best", "adapter_model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
