@@ -1685,6 +1685,8 @@ def main(argv=None):
     finally:
         if search is not None:
             search.close()
+        elif pool is not None:  # refused before the search took the workers over (e.g. args.json not writable)
+            pool.kill()
 
 
 def exit_at_once(code):
@@ -1694,6 +1696,10 @@ def exit_at_once(code):
     normal way."""
     if "wandb" in sys.modules or "ray" in sys.modules:
         sys.exit(code)
+    import multiprocessing
+    for child in multiprocessing.active_children():  # none by now; the normal exit would stop them too
+        child.kill()
+        child.join()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
