@@ -272,11 +272,30 @@ def tree_digest(path):
     return digest
 
 
+LEFT_BEHIND = {}
+
+
 @pytest.fixture(scope="module")
 def finished(tiny, data, tmp_path_factory):
     root = tmp_path_factory.mktemp("finished")
-    run_search(root, "-m", "1", "-p", "5")
-    return only_dir(root)
+    marker = uuid.uuid4().hex
+    # output to files, not pipes: reading a pipe to its end would wait for every process that inherited it
+    with open(root / "out.txt", "w") as out:
+        proc = subprocess.run([sys.executable, "search.py", "-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick",
+                               "-g", "cpu", "-i", str(tiny.experts), "-b", str(tiny.base), "--seed", "7", "-m", "1",
+                               "-p", "5", "--output_root", str(root / "runs")], cwd=REPO, stdout=out, stderr=out,
+                              timeout=900, env={**os.environ, **QUIET_ENV, "BWR_FAULT_CASE": marker})
+    LEFT_BEHIND["finished"] = processes_with(marker)  # looked for the moment search.py has exited
+    assert proc.returncode == 0, (root / "out.txt").read_text()[-3000:]
+    return only_dir(root / "runs")
+
+
+def test_a_finished_search_leaves_no_process(finished):
+    """Driver and workers leave without the interpreter's teardown (search.exit_at_once), the workers before the
+    driver: none of their processes is alive once search.py has exited (a worker the driver left to notice its
+    closed pipe lives on for about a second)."""
+    assert (finished / "global_best").is_dir()
+    assert LEFT_BEHIND["finished"] == []
 
 
 def run_case(name, root, tiny, finished):
