@@ -40,9 +40,11 @@ import math
 import numbers
 
 import numpy as np
-import torch
 
 from merge import check_states, derive_seed, merge_state_dicts
+
+# torch is imported where a state dict is built (_bounds_draw), as in merge.py: search.py imports this module before
+# it starts the workers
 
 RESET_MODES = ("scaled_random", "bounds")
 
@@ -134,6 +136,7 @@ def bwr_update(index, best, worst, population_size, step_length, rng, reset_mode
 
 def _bounds_draw(states, seed, names=None):
     """Every entry uniform in [min_j member_j, max_j member_j], per tensor seeded from ``seed``."""
+    import torch
     check_states(states, names)
     out = {}
     for key, t0 in states[0].items():

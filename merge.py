@@ -31,11 +31,12 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import fileio
+
+# torch (about 2 s to import) is imported inside the functions that use it: search.py reads this module's method
+# registry to check its arguments and starts the workers before it needs torch, so that import overlaps theirs
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -334,6 +335,7 @@ def check_states(states, names=None):
 
     Returns the adapter labels used in messages. Raises MergeError naming adapter and tensor.
     """
+    import torch
     if not isinstance(states, (list, tuple)) or not states:
         raise MergeError("need at least one adapter state dict to merge")
     labels = _labels(len(states), names)
@@ -383,6 +385,7 @@ _BASE_HELP = "the input theta_b the others are taken relative to (its own weight
 @merge_method("weighted_average", linear_in_weights=True)
 def _weighted_average(tensors, weights, params, key, seed):
     """sum_i w_i theta_i (weights are coefficients: not normalised, may be negative)."""
+    import torch
     # zero-filled float32 accumulator + add_(alpha=w): each input is read once and widened to
     # float32 inside the kernel, measurably faster than .float() copies on CPU
     acc = torch.zeros(tensors[0].shape, dtype=torch.float32, device=tensors[0].device)
@@ -398,6 +401,7 @@ def _task_arithmetic(tensors, weights, params, key, seed):
 
     The base's own weight w_b is not used: the base enters with coefficient 1 by definition.
     """
+    import torch
     b = params["base_model_idx"]
     base = tensors[b].to(torch.float32)
     acc = base.clone()
@@ -436,6 +440,7 @@ def _ties(tensors, weights, params, key, seed):
     The trim uses the weighted magnitude |w_i * tau_i| so the threshold is in the units of
     what actually enters the merge, and weights change trimming, election and the mean.
     """
+    import torch
     # imported here: peft pulls in transformers (seconds of start-up) and only ties needs it,
     # so the CLI and the other methods stay quick to start
     from peft.utils.merge_utils import calculate_majority_sign_mask, disjoint_merge, prune
@@ -498,6 +503,7 @@ def _dare(tensors, weights, params, key, seed):
     CPU, so the result depends only on (inputs, weights, params, seed), not on device or order.
     As in task_arithmetic, the base's own weight w_b is not used.
     """
+    import torch
     b = params["base_model_idx"]
     base = tensors[b].to(torch.float32)
     acc = base.clone()
@@ -522,11 +528,13 @@ def all_finite(t):
     # A single reduction instead of torch.isfinite (several times slower on bf16): any NaN/inf
     # entry makes the sum non-finite; a non-finite sum of finite entries (overflow) falls back
     # to the exact test. float16 sums are taken in float32 so they do not overflow at 65504.
+    import torch
     total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
     return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
 
 
 def _nonfinite_error(key, tensors, labels, dtype):
+    import torch
     for i, t in enumerate(tensors):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             return NonFiniteMergeError(f"merged tensor {key!r} is not finite: {labels[i]} contains NaN/inf in {key!r}")
@@ -547,6 +555,7 @@ def merge_state_dicts(states, weights, method="weighted_average", params=None, n
     Compute is float32 on the device of states[0]'s tensors; each result takes states[0]'s dtype
     for that tensor. Non-float tensors must be identical across inputs and are copied.
     """
+    import torch
     params = parse_merge_params(method, params)
     labels = check_states(states, names)
     weights = _check_weights(weights, len(states))
@@ -625,6 +634,7 @@ def save_adapter(path, state, config, durable=True):
     An existing folder at ``path`` is replaced. The result loads with PeftModel.from_pretrained.
     durable=False skips the fsyncs: the search stages candidates that way and syncs them all at once at its commit.
     """
+    from safetensors.torch import save_file
     if not isinstance(config, dict):
         raise MergeError(f"adapter config for {os.fspath(path)!r} must be a dict, got {type(config).__name__}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
@@ -643,6 +653,7 @@ def save_adapter(path, state, config, durable=True):
 
 
 def _device(gpu_id):
+    import torch
     if gpu_id == "cpu":
         return torch.device("cpu")
     if isinstance(gpu_id, bool) or not isinstance(gpu_id, numbers.Integral) or gpu_id < 0:
@@ -693,6 +704,7 @@ def _merge_checkpoints(weights, paths, output, device, method, params, seed, lab
     Only the current output shard plus one tensor per input is resident; inputs are memory
     mapped through safe_open. The output reuses the first input's shard layout.
     """
+    from safetensors.torch import save_file
     layouts = [_checkpoint_layout(p, labels[i]) for i, p in enumerate(paths)]
     ref_map = layouts[0][0]
     for i, (wm, _) in enumerate(layouts[1:], 1):
