@@ -525,10 +525,10 @@ def _dare(tensors, weights, params, key, seed):
 
 
 def all_finite(t):
+    import torch
     # A single reduction instead of torch.isfinite (several times slower on bf16): any NaN/inf
     # entry makes the sum non-finite; a non-finite sum of finite entries (overflow) falls back
     # to the exact test. float16 sums are taken in float32 so they do not overflow at 65504.
-    import torch
     total = t.sum(dtype=torch.float32) if t.dtype == torch.float16 else t.sum()
     return math.isfinite(total.item()) or bool(torch.isfinite(t).all())
 
