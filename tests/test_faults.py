@@ -249,15 +249,23 @@ CASES = {
 
 
 def processes_with(marker):
-    """Pids of live processes whose environment holds marker (a search's workers inherit the driver's)."""
+    """Pids of live processes whose environment holds marker (a search's workers inherit the driver's). Not counted:
+    zombies (exited, not yet reaped by init) and multiprocessing's resource tracker, which the spawn start method
+    runs beside the workers and which leaves by itself as soon as the driver's end of its pipe closes."""
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                if marker.encode() in f.read():
-                    found.append(int(pid))
+                if marker.encode() not in f.read():
+                    continue
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[1].split()[0] == "Z"
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                tracker = b"multiprocessing.resource_tracker" in f.read()
         except OSError:
-            pass
+            continue
+        if not zombie and not tracker:
+            found.append(int(pid))
     return found
 
 
