@@ -1696,10 +1696,6 @@ def exit_at_once(code):
     normal way."""
     if "wandb" in sys.modules or "ray" in sys.modules:
         sys.exit(code)
-    import multiprocessing
-    for child in multiprocessing.active_children():  # none by now; the normal exit would stop them too
-        child.kill()
-        child.join()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -11,14 +11,22 @@ from safetensors.torch import load_file
 from conftest import REPO, only_dir
 
 
-def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900):
+def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900, output=None):
+    """output: a file for stdout and stderr instead of pipes (reading a pipe to its end waits for every process that
+    inherited it, so a test that looks for processes left behind must not use one)."""
     args = [sys.executable, "search.py", "-n", name, "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu",
             "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model",
             "--output_root", str(tmp_path), "--seed", "7", *extra]
     full_env = {**os.environ, "WANDB_MODE": "disabled", **(env or {})}
-    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+    if output is None:
+        proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=full_env, timeout=timeout)
+        said = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    else:
+        with open(output, "w") as f:
+            proc = subprocess.run(args, cwd=REPO, stdout=f, stderr=f, env=full_env, timeout=timeout)
+        said = open(output).read()[-3000:]
     if check and proc.returncode != 0:
-        raise AssertionError(f"search failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(f"search failed ({proc.returncode}):\n{said}")
     return proc
 
 
