@@ -572,9 +572,8 @@ def _generate(model, tokenizer, ids, max_new_tokens, batch_size):
     texts = {}  # token ids -> text: rows often give the same answer (a 40 us decode each, 4% of a tiny evaluation)
 
     def run(chunk):
-        input_ids, mask = _left_pad([ids[i] for i in chunk], pad_id, device)
-        with torch.inference_mode(), forward_timer(device):
-            new_tokens = decode(model, input_ids, mask, max_new_tokens, pad_id, eos, tokenizer.bos_token_id)
+        rows = [ids[i] for i in chunk]
+        new_tokens = decode(model, rows, max_new_tokens, pad_id, eos, tokenizer.bos_token_id)
         for i, tokens in zip(chunk, new_tokens.tolist()):
             # only what scoring reads: the tokens before the first end-of-sequence (the rest is padding)
             stop = next((j for j, t in enumerate(tokens) if t in eos), len(tokens))
@@ -600,35 +599,171 @@ def _plain_decoder(model):
             <= set(inspect.signature(base.forward).parameters))
 
 
-def _greedy_decode(model, input_ids, mask, max_new_tokens, pad_id, eos, bos_id):
-    """New tokens of greedy decoding, rows that ended padded with pad_id: the same tokens as generate() with
-    do_sample=False (tests/test_evaluate.py compares them), without its per-call set-up and per-step bookkeeping
-    (8-12% of a tiny-model evaluation on CPU, README Performance). Stops as soon as every row has ended."""
+def _greedy_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):
+    """New tokens of greedy decoding for each row of token ids, rows that ended padded with pad_id: the same tokens
+    as generate() with do_sample=False (tests/test_evaluate.py compares them), without its per-call set-up and
+    per-step bookkeeping (8-12% of a tiny-model evaluation on CPU, README Performance). Identical prompts are run
+    once, prefixes that prompts share are run once (_prefix_levels), and decoding stops as soon as every row has
+    ended."""
     from transformers import DynamicCache
-    cache = DynamicCache(config=model.config)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift real tokens' positions
-    eos = torch.tensor(eos, device=input_ids.device)
-    ended = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    steps, tokens = [], input_ids
-    for _ in range(max_new_tokens):
-        logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        token = logits.argmax(-1).masked_fill(ended, pad_id)
-        steps.append(token)
-        ended |= torch.isin(token, eos)
-        if bool(ended.all()):
-            break
-        tokens, positions = token[:, None], positions[:, -1:] + 1
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return torch.stack(steps, dim=1)
+    device = _model_device(model)
+    distinct = list(dict.fromkeys(map(tuple, rows)))
+    levels = _prefix_levels(distinct, pad_id, shared=_layers_take_holes(model))
+    with torch.inference_mode(), forward_timer(device):
+        cache = DynamicCache(config=model.config)
+        for input_ids, level_mask, positions, parents in levels:
+            if parents is None:
+                mask = level_mask.to(device)
+            else:  # each node continues from its parent's keys/values: copy them into the node's row
+                parents = parents.to(device)
+                cache.reorder_cache(parents)
+                mask = torch.cat([mask.index_select(0, parents), level_mask.to(device)], dim=1)
+            tokens, positions = input_ids.to(device), positions.to(device)
+            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        eos = torch.tensor(eos, device=device)
+        new_tokens = torch.full((len(distinct), max_new_tokens), pad_id, dtype=torch.long, device=device)
+        rows_left = torch.arange(len(distinct), device=device)  # the rows of `distinct` still in the batch
+        ended = torch.zeros(len(distinct), dtype=torch.bool, device=device)
+        positions = positions[:, -1:]
+        for step in range(max_new_tokens):
+            if step:
+                logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True, logits_to_keep=1).logits[:, -1]
+            token = logits.argmax(-1).masked_fill(ended, pad_id)
+            new_tokens[rows_left, step] = token
+            ended |= torch.isin(token, eos)
+            if bool(ended.all()):
+                break
+            if 2 * int(ended.sum()) >= len(ended):
+                # half the batch has answered: the rows still generating go on alone (a decoding step costs
+                # per row, and often a few long answers keep a batch going after most rows have stopped)
+                keep = (~ended).nonzero().squeeze(1)
+                cache.reorder_cache(keep)
+                mask, positions, token = mask[keep], positions[keep], token[keep]
+                rows_left, ended = rows_left[keep], ended[keep]
+            tokens, positions = token[:, None], positions + 1
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        new_tokens = new_tokens[:, :step + 1]
+    if len(distinct) == len(rows):
+        return new_tokens
+    where = {row: j for j, row in enumerate(distinct)}
+    return new_tokens[torch.tensor([where[tuple(row)] for row in rows], device=device)]
 
 
-def _generate_decode(model, input_ids, mask, max_new_tokens, pad_id, eos, bos_id):
+def _generate_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):
     from transformers import GenerationConfig
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                               pad_token_id=pad_id, eos_token_id=eos, bos_token_id=bos_id)
-    generated = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    device = _model_device(model)
+    input_ids, mask = _left_pad(rows, pad_id, device)
+    with torch.inference_mode(), forward_timer(device):
+        generated = model.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
     return generated[:, input_ids.shape[1]:]
+
+
+def _layers_take_holes(model):
+    """Whether every layer of the model's cache is a plain key/value list, so that keys can be copied between rows
+    and masked positions may sit between a prefix and the rest of a row. Sliding-window layers count positions in
+    the cache, not in the text, so masked holes would shift their window: those models prefill without sharing."""
+    from transformers import DynamicCache
+    layers = getattr(DynamicCache(config=model.config), "layers", None)
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+# Estimated cost of one forward call of the prefill, in units of one prompt token's forward pass: its tokens (pads
+# included), about one token's worth per row (masks, positions, the copied keys/values) and a fixed cost per call.
+# Measured on the tiny model on CPU, where a call over 1,000 rows costs about as much as 1,000 more tokens; for a
+# 7B model on a GPU a call also costs about 150 tokens' worth (reading the weights once).
+PREFILL_COST_PER_ROW = 1
+PREFILL_COST_PER_CALL = 150
+_LEVELS = {}
+
+
+def _prefix_levels(rows, pad_id, shared=True):
+    """The prefill of distinct token rows as a list of forward calls (levels), each (input_ids, mask, position_ids,
+    parents) on the CPU. Prompts often share prefixes (an instruction, a template, the first words): a prefix that
+    several rows share up to a cut position is run once, as one row of a level, and the next level copies its
+    keys/values into every row that continues it (parents: the row of the previous level each row continues).
+
+    Cut positions minimise the estimated cost (PREFILL_COST_*) by dynamic programming over the positions where the
+    number of distinct prefixes grows; without a saving of 10% there is one level: the rows left-padded, as plain
+    batched generation. Within a level each row's new tokens are left-padded, so a row is [prefix | pads | its
+    tokens] with the pads masked out and positions counted over real tokens only. Every row keeps at least its last
+    token for the last level, whose logits start the decoding. The same prompts come back for every candidate of
+    a search, so the last few plans are kept."""
+    rows = [tuple(row) for row in rows]
+    key = (tuple(rows), pad_id, shared)
+    if key in _LEVELS:
+        return _LEVELS[key]
+    cuts = _prefix_cuts(rows) if shared and len(rows) > 1 else []
+    levels, previous = [], None
+    for cut in cuts + [None]:
+        # each row's prefix at this cut (the whole row at the last level), shortened to leave its last token
+        prefixes = [row if cut is None else row[:min(cut, len(row) - 1)] for row in rows]
+        nodes = list(dict.fromkeys(prefixes))
+        if previous is None:
+            parents, starts = None, [0] * len(nodes)
+        else:
+            index = {node: j for j, node in enumerate(previous[0])}
+            parent_of = {}
+            for prefix, parent in zip(prefixes, previous[1]):
+                parent_of.setdefault(prefix, index[parent])
+            parents = [parent_of[node] for node in nodes]
+            starts = [len(previous[0][p]) for p in parents]
+        width = max(len(node) - start for node, start in zip(nodes, starts))
+        if width == 0:  # no row grew since the previous cut
+            continue
+        input_ids = np.full((len(nodes), width), pad_id, dtype=np.int64)
+        mask = np.zeros((len(nodes), width), dtype=np.int64)
+        positions = np.zeros((len(nodes), width), dtype=np.int64)
+        for j, (node, start) in enumerate(zip(nodes, starts)):
+            n = len(node) - start
+            if n:
+                input_ids[j, width - n:] = node[start:]
+                mask[j, width - n:] = 1
+                positions[j, width - n:] = np.arange(start, len(node))
+        levels.append((torch.from_numpy(input_ids), torch.from_numpy(mask), torch.from_numpy(positions),
+                       None if parents is None else torch.tensor(parents, dtype=torch.long)))
+        previous = (nodes, prefixes)
+    if len(_LEVELS) >= 8:
+        del _LEVELS[next(iter(_LEVELS))]
+    _LEVELS[key] = levels
+    return levels
+
+
+def _prefix_cuts(rows, max_candidates=64):
+    """Cut positions for _prefix_levels, [] when sharing does not pay."""
+    per_row, per_call = PREFILL_COST_PER_ROW, PREFILL_COST_PER_CALL
+    longest = max(len(row) for row in rows)
+    # trie node of each row's prefix of every length up to len - 1 (a row keeps its last token for the last level)
+    trie, paths = {}, []
+    for row in rows:
+        node, path = 0, []
+        for token in row[:-1]:
+            node = trie.setdefault((node, token), len(trie) + 1)
+            path.append(node)
+        paths.append(path)
+    # distinct prefixes at each cut; it never falls as the cut moves right, and only cuts where a run of equal
+    # counts ends are worth considering (cutting later in the run shares more at the same count)
+    counts = {}
+    for cut in range(1, longest):
+        counts[cut] = len({path[min(cut, len(path)) - 1] if path and cut else 0 for path in paths})
+        if counts[cut] >= 0.9 * len(rows):
+            break
+    candidates = [c for c in counts if c + 1 not in counts or counts[c + 1] > counts[c]]
+    if len(candidates) > max_candidates:
+        step = len(candidates) / max_candidates
+        candidates = [candidates[int(i * step)] for i in range(max_candidates)]
+    # best[c]: (cost of the levels up to cut c, their cuts); the last level holds every row
+    best = {0: (0, [])}
+    for cut in candidates:
+        best[cut] = min((cost + counts[cut] * (cut - a + per_row) + per_call, chosen + [cut])
+                        for a, (cost, chosen) in best.items() if a < cut)
+    total, cuts = min((cost + len(rows) * (longest - a + per_row) + per_call, chosen)
+                      for a, (cost, chosen) in best.items())
+    plain = len(rows) * (longest + per_row) + per_call
+    return cuts if total <= 0.9 * plain else []
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -107,26 +107,79 @@ def test_chat_template_generation_runs_and_needs_a_template(tiny, experts):
                     for p in ["hi", "tell me a fact"]]
 
 
-def test_greedy_loop_gives_the_tokens_of_generate(tiny, experts):
-    """_greedy_decode (the model's forward in a loop) returns the very tokens of generate() with do_sample=False,
-    for every tiny expert and a mixed merge of them, on batches whose rows end at different steps."""
+def test_greedy_loop_gives_the_tokens_of_generate(tiny, experts, data):
+    """_greedy_decode (the model's forward in a loop, shared prefixes run once) returns the very tokens of
+    generate() with do_sample=False, for every tiny expert and a mixed merge of them, on batches whose rows end at
+    different steps."""
     host = ev.get_host(str(tiny.base), "cpu")
-    assert ev._plain_decoder(host.model)
-    data = json.loads((Path(ev.OPTIONS["data_dir"]) / "tiny_demo.json").read_text())
-    ids = ev.encode(host.tokenizer, [item["question"] for item in data["dev"][:40]])
-    input_ids, mask = ev._left_pad(ids, host.tokenizer.pad_token_id, "cpu")
+    assert ev._plain_decoder(host.model) and ev._layers_take_holes(host.model)
+    demo = json.loads((Path(data) / "tiny_demo.json").read_text())
+    ids = ev.encode(host.tokenizer, [item["question"] for item in demo["dev"][:300]])
+    # the demo's prompts share their first words ("fst 9 ..."): the prefill runs in several levels
+    assert len(ev._prefix_levels(ids, host.tokenizer.pad_token_id)) > 1
     from safetensors.torch import load_file
     merged = {k: sum(load_file(str(e / "adapter_model.safetensors"))[k] for e in experts[:3]) / 3
               for k in load_file(str(experts[0] / "adapter_model.safetensors"))}
     ended_early = False
     for candidate in [*experts, merged]:
         model = host.load(candidate)
-        with torch.inference_mode():
-            greedy = ev._greedy_decode(model, input_ids, mask, 8, host.tokenizer.pad_token_id, [2], 1)
-            reference = ev._generate_decode(model, input_ids, mask, 8, host.tokenizer.pad_token_id, [2], 1)
+        greedy = ev._greedy_decode(model, ids, 8, host.tokenizer.pad_token_id, [2], 1)
+        reference = ev._generate_decode(model, ids, 8, host.tokenizer.pad_token_id, [2], 1)
         assert torch.equal(greedy, reference), candidate if not isinstance(candidate, dict) else "merge"
         ended_early |= greedy.shape[1] < 8
     assert ended_early, "the tiny experts answer one digit and stop: decoding should end before the budget"
+
+
+def test_shared_prefix_prefill_on_ragged_rows(tiny, experts):
+    """Rows of different lengths that share long prefixes, one a prefix of another, a duplicate, a one-token row
+    and rows shorter than the cuts: the levelled prefill gives each row the last-position logits of its own
+    left-padded forward pass (to float rounding) and the same greedy tokens as generate()."""
+    host = ev.get_host(str(tiny.base), "cpu")
+    model = host.load(str(experts[1]))
+    pad = host.tokenizer.pad_token_id
+    stem = ev.encode(host.tokenizer, ["max 3 9 2 5 1 4 0 7 3 8 2 6 ="])[0]
+    words = ev.encode(host.tokenizer, [f"{a} {b} =" for a in range(10) for b in range(6)], add_special_tokens=False)
+    rows = [stem[:-2] + w for w in words] + [stem[:9] + w for w in words[:30]]
+    rows += [stem, stem[:-3], rows[0], stem[:1], stem[:3]]
+    levels = ev._prefix_levels(list(dict.fromkeys(map(tuple, rows))), pad)
+    assert len(levels) >= 3 and sum(level[0].numel() for level in levels) < 0.6 * sum(map(len, rows))
+
+    from transformers import DynamicCache
+    distinct = list(dict.fromkeys(map(tuple, rows)))
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        for input_ids, level_mask, positions, parents in levels:
+            if parents is None:
+                mask = level_mask
+            else:
+                cache.reorder_cache(parents)
+                mask = torch.cat([mask.index_select(0, parents), level_mask], dim=1)
+            shared = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        for j, row in enumerate(distinct):
+            alone = model(input_ids=torch.tensor([row])).logits[0, -1]
+            torch.testing.assert_close(shared[j], alone, rtol=1e-4, atol=1e-4)
+    greedy = ev._greedy_decode(model, rows, 6, pad, [2], 1)
+    reference = ev._generate_decode(model, rows, 6, pad, [2], 1)
+    assert greedy.shape[0] == len(rows) and torch.equal(greedy, reference)
+
+
+def test_prefix_levels_only_where_sharing_pays(tiny):
+    """Prompts without a common prefix get one level, the plain left-padded batch (the tokens and positions of
+    _left_pad); a long shared instruction is run once."""
+    tok = ev.get_host(str(tiny.base), "cpu").tokenizer
+    pad = tok.pad_token_id
+    plain = ev.encode(tok, [f"{w} {a} {b} =" for w in ("fst", "snd", "max", "min", "sum") for a in range(3)
+                            for b in range(2)])
+    (only,) = ev._prefix_levels(plain, pad)
+    ids, mask = ev._left_pad(plain, pad, "cpu")
+    assert torch.equal(only[0], ids) and torch.equal(only[1], mask) and only[3] is None
+    assert torch.equal(only[2], (mask.cumsum(-1) - 1).clamp(min=0))
+    instructed = ev.encode(tok, ["answer the question with one digit and nothing else: " + p for p in
+                                 [f"{w} {a} {b} =" for w in ("fst", "snd", "max") for a in range(10) for b in range(4)]])
+    levels = ev._prefix_levels(instructed, pad)
+    assert levels[0][0].shape[0] == 1 and levels[0][0].shape[1] >= 50, "the instruction is one row of the first level"
+    assert ev._prefix_levels(instructed, pad, shared=False)[0][0].shape[0] == len(instructed)
 
 
 def test_automatic_batch_size_is_bounded_by_memory_and_overridden(tiny, monkeypatch):
