@@ -9,8 +9,9 @@ On the tiny population (CPU unless -g says otherwise):
   3. multiple choice scored by one forward pass (mc_scoring=logits) vs by generation, on a set with short prompts
      (tiny_mc) and one with a shared in-context example (tiny_mc_icl, the knowledge_crosswords format);
   4. generation alone (tiny_demo dev, its exact-match budget, every expert): batches of 32 (the former CPU default)
-     vs the automatic batch size (all 100 prompts in one batch here), each with generate() and with the greedy loop
-     that the search uses (_greedy_decode), interleaved --repeats times; whether all four give the same outputs.
+     vs the automatic batch size (all prompts in one batch here), each with generate(), with the greedy loop
+     (_greedy_decode) without prefix sharing, and with it (what the search runs), interleaved --repeats times;
+     whether all six give the same outputs.
 Figures are printed; nothing is asserted. Targets: forward share >= 90%, >= 5x faster than the published strategy,
 logits >= 3x faster than generate.
 
@@ -74,12 +75,14 @@ def generation_levers(ev, experts, base, device, dev, repeats):
     questions = [item["question"] for item in dev]
     golds = [str(item["answer"]) for item in dev]
     budget = ev.exact_match_budget(host.tokenizer, golds, ev.exact_match_rule("tiny_demo"))
-    plain = ev._plain_decoder
-    variants = {(batch, loop): None for batch in (32, None) for loop in ("generate()", "greedy loop")}
+    plain, holes = ev._plain_decoder, ev._layers_take_holes
+    loops = ("generate()", "greedy loop", "greedy, shared")  # the last is what the search runs
+    variants = {(batch, loop): None for batch in (32, None) for loop in loops}
     times = {key: [] for key in variants}
     for r in range(repeats):
         for batch, loop in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            ev._plain_decoder = plain if loop == "greedy loop" else (lambda model: False)
+            ev._plain_decoder = plain if loop != "generate()" else (lambda model: False)
+            ev._layers_take_holes = holes if loop == "greedy, shared" else (lambda model: False)
             try:
                 start, outputs = time.perf_counter(), []
                 for expert in experts:
@@ -88,17 +91,17 @@ def generation_levers(ev, experts, base, device, dev, repeats):
                 times[(batch, loop)].append((time.perf_counter() - start) / len(experts))
                 variants[(batch, loop)] = outputs
             finally:
-                ev._plain_decoder = plain
+                ev._plain_decoder, ev._layers_take_holes = plain, holes
     auto = ev._rows_that_fit(host.model, len(questions), max(map(len, ev.encode(host.tokenizer, questions))), budget)
     print(f"generation alone, tiny_demo dev ({len(questions)} prompts, {budget} new tokens at most), {len(experts)} "
           f"experts, median of {repeats} interleaved repeats (s per candidate):")
     reference = times[(32, "generate()")]
     for (batch, loop), values in times.items():
         median = sorted(values)[len(values) // 2]
-        print(f"  batch {batch or f'auto ({auto})':>9}, {loop:<11}: {median:.4f}  "
+        print(f"  batch {batch or f'auto ({auto})':>9}, {loop:<14}: {median:.4f}  "
               f"({sorted(reference)[len(reference) // 2] / median:.2f}x batch 32 with generate())")
     same = all(v == variants[(32, "generate()")] for v in variants.values())
-    print(f"  outputs identical across the four: {same}")
+    print(f"  outputs identical across the six: {same}")
 
 
 def main():

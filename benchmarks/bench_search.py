@@ -24,8 +24,9 @@ Figures are printed; nothing is asserted. The GPU benchmark (Gemma-7B shape) is 
 
 Every process gets OMP_NUM_THREADS=--threads (default 1): on a machine shared with other jobs more torch threads
 than free cores make the tiny model's many small ops wait for descheduled threads (40-50x slower on a 2-core
-machine with one core busy), which would measure the neighbours rather than the search. --threads 0 leaves the
-search's own default (cores / workers).
+machine with one core busy), which would measure the neighbours rather than the search. --threads 0 leaves each
+program its own default, as on a quiet machine: the search's cores / workers, the published loop's torch default
+(one per core; the published code sets none).
 
     python benchmarks/bench_search.py                    # everything, about 25-40 minutes on 2 busy cores
     python benchmarks/bench_search.py --sections 1       # side by side and start-up only (about 20-30 minutes)
@@ -82,6 +83,9 @@ def search_env(threads):
     env = dict(os.environ)
     if threads > 0:
         env["OMP_NUM_THREADS"] = str(threads)
+    else:  # each program's own default, whatever this shell sets
+        env.pop("OMP_NUM_THREADS", None)
+        env.pop("MKL_NUM_THREADS", None)
     return env
 
 
@@ -203,7 +207,7 @@ def run_published(root, iterations, threads, start_method, dataset="tiny_demo"):
     env = search_env(threads)
     env["BENCH_T0"] = repr(time.time())
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "published_baseline.py"), "--out", str(root),
-                          "-m", str(iterations), "--start_method", start_method, "--threads", str(max(threads, 1)),
+                          "-m", str(iterations), "--start_method", start_method, "--threads", str(threads),
                           "-d", dataset],
                          cwd=REPO, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -480,7 +484,8 @@ def main():
     parser.add_argument("--dataset", default="tiny_demo",
                         help="section 1's objective, a tiny_demo-format set in data/eval (tiny_demo_quick: 100 dev items)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="OMP_NUM_THREADS of every process (default 1; 0: the search's own default)")
+                        help="OMP_NUM_THREADS of every process (default 1; 0: each program's own default: the "
+                             "search's cores / workers, the published loop's torch default, one per core)")
     args = parser.parse_args()
     sections = {s.strip() for s in args.sections.split(",")}
     ensure_inputs()

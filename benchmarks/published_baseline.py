@@ -74,7 +74,8 @@ def disk_merge(weights, sources, output):
 # one evaluation: everything loaded for this candidate alone
 
 def evaluate(adapter, base_model, dev, save_dev_flag, threads):
-    torch.set_num_threads(threads)
+    if threads:  # 0: torch's default, one per core, as the published code (which sets none)
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
     model.load_adapter(adapter)
@@ -257,7 +258,7 @@ def main():
     parser.add_argument("--restart_patience", type=float, default=0.5)
     parser.add_argument("--step_length", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in each pool worker")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads in each pool worker; 0: torch's default (one per core), as published")
     parser.add_argument("--start_method", choices=("spawn", "fork"), default="spawn",
                         help="spawn: as published (torch.multiprocessing.set_start_method('spawn')); fork: a lower "
                              "bound, pool workers inherit the driver's imports")
