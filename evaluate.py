@@ -691,7 +691,7 @@ def _prefix_levels(rows, pad_id, shared=True):
     batched generation. Within a level each row's new tokens are left-padded, so a row is [prefix | pads | its
     tokens] with the pads masked out and positions counted over real tokens only. Every row keeps at least its last
     token for the last level, whose logits start the decoding. The same prompts come back for every candidate of
-    a search, so the last few plans are kept."""
+    a search, so the last plans are kept (a dev set in batches: one per batch)."""
     rows = [tuple(row) for row in rows]
     key = (tuple(rows), pad_id, shared)
     if key in _LEVELS:
@@ -726,7 +726,7 @@ def _prefix_levels(rows, pad_id, shared=True):
         levels.append((torch.from_numpy(input_ids), torch.from_numpy(mask), torch.from_numpy(positions),
                        None if parents is None else torch.tensor(parents, dtype=torch.long)))
         previous = (nodes, prefixes)
-    if len(_LEVELS) >= 8:
+    if len(_LEVELS) >= 64:  # a dev set in batches of 32 is 30-odd plans
         del _LEVELS[next(iter(_LEVELS))]
     _LEVELS[key] = levels
     return levels
