@@ -558,7 +558,6 @@ def _left_pad(rows, pad_id, device):
 def _generate(model, tokenizer, ids, max_new_tokens, batch_size):
     if not ids:
         return []
-    device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None \
         else tokenizer.eos_token_id
@@ -605,22 +604,11 @@ def _greedy_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):
     per-step bookkeeping (8-12% of a tiny-model evaluation on CPU, README Performance). Identical prompts are run
     once, prefixes that prompts share are run once (_prefix_levels), and decoding stops as soon as every row has
     ended."""
-    from transformers import DynamicCache
     device = _model_device(model)
     distinct = list(dict.fromkeys(map(tuple, rows)))
     levels = _prefix_levels(distinct, pad_id, shared=_layers_take_holes(model))
     with torch.inference_mode(), forward_timer(device):
-        cache = DynamicCache(config=model.config)
-        for input_ids, level_mask, positions, parents in levels:
-            if parents is None:
-                mask = level_mask.to(device)
-            else:  # each node continues from its parent's keys/values: copy them into the node's row
-                parents = parents.to(device)
-                cache.reorder_cache(parents)
-                mask = torch.cat([mask.index_select(0, parents), level_mask.to(device)], dim=1)
-            tokens, positions = input_ids.to(device), positions.to(device)
-            logits = model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits, cache, mask, positions = _prefill(model, levels)
         eos = torch.tensor(eos, device=device)
         new_tokens = torch.full((len(distinct), max_new_tokens), pad_id, dtype=torch.long, device=device)
         rows_left = torch.arange(len(distinct), device=device)  # the rows of `distinct` still in the batch
@@ -650,6 +638,25 @@ def _greedy_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):
         return new_tokens
     where = {row: j for j, row in enumerate(distinct)}
     return new_tokens[torch.tensor([where[tuple(row)] for row in rows], device=device)]
+
+
+def _prefill(model, levels):
+    """Runs the levels of _prefix_levels: (last-position logits, cache, mask, position_ids) of the last level, one
+    row per row of it."""
+    from transformers import DynamicCache
+    device = _model_device(model)
+    cache = DynamicCache(config=model.config)
+    for input_ids, level_mask, positions, parents in levels:
+        if parents is None:
+            mask = level_mask.to(device)
+        else:  # each node continues from its parent's keys/values: copy them into the node's row
+            parents = parents.to(device)
+            cache.reorder_cache(parents)
+            mask = torch.cat([mask.index_select(0, parents), level_mask.to(device)], dim=1)
+        positions = positions.to(device)
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+    return logits, cache, mask, positions
 
 
 def _generate_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):

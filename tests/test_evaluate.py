@@ -144,18 +144,9 @@ def test_shared_prefix_prefill_on_ragged_rows(tiny, experts):
     levels = ev._prefix_levels(list(dict.fromkeys(map(tuple, rows))), pad)
     assert len(levels) >= 3 and sum(level[0].numel() for level in levels) < 0.6 * sum(map(len, rows))
 
-    from transformers import DynamicCache
     distinct = list(dict.fromkeys(map(tuple, rows)))
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
-        for input_ids, level_mask, positions, parents in levels:
-            if parents is None:
-                mask = level_mask
-            else:
-                cache.reorder_cache(parents)
-                mask = torch.cat([mask.index_select(0, parents), level_mask], dim=1)
-            shared = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1]
+        shared = ev._prefill(model, levels)[0]
         for j, row in enumerate(distinct):
             alone = model(input_ids=torch.tensor([row])).logits[0, -1]
             torch.testing.assert_close(shared[j], alone, rtol=1e-4, atol=1e-4)
