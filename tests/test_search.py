@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def run_search(tmp_path, *extra, env=None, name="t", check=True, timeout=900, ou
     else:
         with open(output, "w") as f:
             proc = subprocess.run(args, cwd=REPO, stdout=f, stderr=f, env=full_env, timeout=timeout)
-        said = open(output).read()[-3000:]
+        said = Path(output).read_text()[-3000:]
     if check and proc.returncode != 0:
         raise AssertionError(f"search failed ({proc.returncode}):\n{said}")
     return proc
