@@ -304,7 +304,8 @@ CLASSES = {cls.name: cls for cls in (BWR, PSO, CMAES, RandomSearch)}
 OPTIMIZERS = tuple(CLASSES)  # --optimizer's choices
 
 
-RULES = ("readme", "published_code")  # --rule: BWR's step as the seed README states it, or as the published code runs it
+# --rule: BWR's step as the seed README states it, or as the published code runs it
+RULES = ("readme", "published_code")
 
 
 def make(args, n_experts, state=None):

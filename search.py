@@ -305,8 +305,9 @@ def check_optimizer_args(args):
         if args.optimizer != "bwr":
             raise UsageError(f"--rule is BWR's step; --optimizer {args.optimizer} has none: use --optimizer bwr")
         if args.reset_mode != "scaled_random":
-            raise UsageError("--reset_mode is the seed README rule's reset; --rule published_code explores with its "
-                             "own draw (uniform in +-max|t| of a random member): drop --reset_mode")
+            raise UsageError(f"--reset_mode {args.reset_mode} is the seed README rule's reset; --rule published_code "
+                             f"explores with its own draw (uniform in +-max|t| of a random member): leave --reset_mode "
+                             f"at scaled_random (search_demo.sh: add --reset_mode scaled_random)")
         if not args.fast_merge:
             raise UsageError("--rule published_code needs adapter experts (--fast_merge 1)")
 

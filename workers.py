@@ -53,8 +53,8 @@ class Source(NamedTuple):
 
 @dataclass(frozen=True)
 class CandidateTask:
-    """Build a candidate from sources with update (bwr.apply_update's {"kind": "combine"|"bounds"|"published",
-    ...}), evaluate it on split, and write it to save_to only if it is accepted (bwr.accept: utility > accept_if_above, or any
+    """Build a candidate from sources with update (bwr.apply_update's {"kind": "combine"|"bounds"|...}), evaluate
+    it on split, and write it to save_to only if it is accepted (bwr.accept: utility > accept_if_above, or any
     non-NaN utility when that is None). save_to is written without fsync: the driver syncs its staging folder
     before it commits. An accepted candidate stays in the worker's adapter cache as cache_as = (path, version), the
     member's next version. merge_method, when given, replaces the search's (the initial experts are taken as they

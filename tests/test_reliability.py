@@ -76,7 +76,8 @@ def test_published_rule_logs_its_branches_and_keeps_the_worst_ever(published_ref
     assert state["worst"] == {"utility": initial[worst], "candidate": worst, "iteration": 0}
     assert min(c["utility"] for c in state["candidates"]) > initial[worst]  # the run this test relies on
     expert = sorted(os.listdir(tiny.experts))[worst]
-    frozen, original = weights(directory, "global_worst"), load_file(tiny.experts / expert / "adapter_model.safetensors")
+    frozen = weights(directory, "global_worst")
+    original = load_file(tiny.experts / expert / "adapter_model.safetensors")
     assert frozen.keys() == original.keys() and all(torch.equal(frozen[k], original[k]) for k in frozen)
 
 
