@@ -166,7 +166,6 @@ def _bounds_draw(states, seed, names=None):
 # The published code's rule (RKS-2804/test-fin, search.py candidate_update), --rule published_code
 
 PUBLISHED_MOVE_ABOVE = 0.2  # the published code moves when r4 > 0.2 (the seed README: r4 > 0.5)
-PUBLISHED_ROLES = ("current", "best", "worst", "random")
 
 
 def published_update(index, n_members, best, worst, step_length, rng, restart=False):
