@@ -191,6 +191,11 @@ class DirectoryLock:
                     os.close(self.fd)
                     raise DirectoryBusy(directory, self._read_holder(retry=True)) from None
                 time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        try:  # kept as bytes too, so that a process that gives the directory back untouched can put it back
+            with open(os.path.join(directory, HOLDER_FILE), "rb") as f:
+                self.previous_bytes = f.read()
+        except OSError:
+            self.previous_bytes = None
         self.previous = self._read_holder()
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -211,11 +216,20 @@ class DirectoryLock:
                 time.sleep(0.1)
         return {}
 
-    def release(self):
-        """Remove the holder record, then unlock. Idempotent; the directory may have been removed meanwhile."""
+    def release(self, untouched=False):
+        """Remove the holder record, then unlock. untouched: this process changed nothing in the directory (it
+        refused to resume it), so a dead holder's record is put back as it was. Idempotent; the directory may have
+        been removed meanwhile."""
         if self.fd is None:
             return
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.directory, HOLDER_FILE))
+        path = os.path.join(self.directory, HOLDER_FILE)
+        if untouched and self.previous_bytes is not None:
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    f.write(self.previous_bytes)
+            atomic_write(path, write)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
         os.close(self.fd)  # closing the last descriptor of the open file releases the flock
         self.fd = None

@@ -1540,7 +1540,7 @@ def prepare(argv, start_workers=True):
         for pool in started:
             pool.kill()
         for lock in held:
-            lock.release()
+            lock.release(untouched=True)
         raise
     return args, setup, directory, state, (started[0] if started else None), (held[0] if held else None)
 

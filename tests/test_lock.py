@@ -97,6 +97,10 @@ def test_a_killed_holder_releases_its_directory_at_once(reference, tmp_path):
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     directory = only_dir(tmp_path)
     dead = json.loads((directory / ".lock_holder.json").read_text())  # died holding it
+    before = tree_digest(directory)
+    refused = resume(directory, "--seed", "8")  # refused after taking the lock: gives the directory back as it was
+    assert refused.returncode == 2 and "--resume cannot change --seed" in one_line(refused)
+    assert tree_digest(directory) == before
     resumed = resume(directory)  # no --lock_wait: the lock went with the killed process
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(reference, directory)
