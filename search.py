@@ -37,13 +37,23 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import bwr
-import merge
-import optimizers
-from data.schema import EVAL_TYPES
-from fileio import (DirectoryBusy, DirectoryLock, apply_moves, atomic_write, atomic_write_text, link_tree,
-                    sync_filesystem)
-from workers import CandidateTask, EvaluateTask, LocalPool, Source, WorkerError, describe_task
+try:
+    import bwr
+    import merge
+    import optimizers
+    from data.schema import EVAL_TYPES
+    from fileio import (DirectoryBusy, DirectoryLock, apply_moves, atomic_write, atomic_write_text, link_tree,
+                        sync_filesystem)
+    from workers import CandidateTask, EvaluateTask, LocalPool, Source, WorkerError, describe_task
+except ModuleNotFoundError as missing:  # started by an interpreter without the requirements (not .venv's)
+    if __name__ != "__main__":
+        raise
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv", "bin", "python")
+    print(f"search.py: error: {sys.executable} has no {missing.name!r} module; "
+          + (f"run {os.path.relpath(venv)} search.py ..." if os.path.exists(venv)
+             else "run `make demo` (it builds .venv), then .venv/bin/python search.py ...")
+          + " (or pip install -r requirements.txt in your environment)", file=sys.stderr)
+    sys.exit(2)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STATE_VERSION = 1

@@ -159,6 +159,37 @@ def test_starter_scripts_pass_their_arguments(script, expect):
     assert out.rstrip().endswith("-m 20 -p 5")
 
 
+def test_starter_scripts_run_the_venv_interpreter_in_a_fresh_shell(tiny, data, tmp_path):
+    """A fresh shell after `make demo` has no PYTHON and no activated .venv: the scripts pick .venv/bin/python
+    (an explicit PYTHON= still wins), and the demo script runs for real that way."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"  # no interpreter with the requirements on PATH
+    for script in ("search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"):
+        out = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                             env={**env, "DRY_RUN": "1"}, check=True).stdout
+        assert out.startswith(".venv/bin/python search.py "), out
+        out = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                             env={**env, "DRY_RUN": "1", "PYTHON": "python3.11"}, check=True).stdout
+        assert out.startswith("python3.11 search.py "), out
+    venv = REPO / ".venv" / "bin" / "python"
+    if not venv.exists():
+        pytest.skip("no .venv (make demo builds it)")
+    proc = subprocess.run(["bash", "search_demo.sh", "-d", "tiny_demo_quick", "-m", "1", "--output_root",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "WANDB_MODE": "disabled"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (only_dir(tmp_path) / "global_best" / "adapter_model.safetensors").is_file()
+
+
+def test_search_without_its_requirements_says_how_to_get_them():
+    """python -S: an interpreter without site-packages (a shell's python, not .venv's)."""
+    proc = subprocess.run([sys.executable, "-S", "search.py", "-h"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "has no '" in lines[0] and ".venv/bin/python search.py" in lines[0] and "requirements.txt" in lines[0]
+
+
 def test_gpu_script_without_gpu_stops_at_once_pointing_to_cpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
