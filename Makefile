@@ -30,7 +30,7 @@ data: venv
 	$(PY) data/tiny_demo.py
 
 demo: tiny data
-	bash search_demo.sh
+	PYTHON=$(PY) bash search_demo.sh
 
 # two pytest workers, one test file each at a time (the suite is CPU-bound single-threaded work: 2 cores, 2 workers),
 # each with one torch thread: with torch's default of one thread per core, two workers oversubscribe the two cores
