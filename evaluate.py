@@ -16,7 +16,7 @@ call `evaluate_split()`, which returns (utility, details) and is what the search
 
 Adding your evaluation
 ----------------------
-Two additions (README.md, "Adding your data, models, evaluation", has the worked example its test runs): a row in
+Two additions (docs/extending.md has the worked example its test runs): a row in
 data/schema.py's EVAL_TYPES (item kind, what the utility is, a help line, whether the items have gold answers that
 ensembles can vote on), which search.py's -e, the data validation and the ensembles read; and an
 `elif eval_type == "<yours>":` branch in score(), just above its final `else:`. The branch has `model` and
@@ -58,7 +58,7 @@ class EvalError(ValueError):
 DEFAULT_REWARD_MODEL = "internlm/internlm2-7b-reward"
 DEFAULT_JUDGE_MODEL = "gemini-1.5-flash"
 RM_EVAL_TYPES = ("rm_default", "rm_verbose", "rm_concise")
-# How an answer is read from a generation (README, "Scoring"): "published" reproduces the published evaluator, so
+# How an answer is read from a generation (docs/objectives.md, "Scoring"): "published" reproduces the published evaluator, so
 # utilities compare with the paper's numbers; "strict" reads the answer where the model gives it (fewer false hits).
 SCORING_MODES = ("published", "strict")
 
@@ -502,7 +502,7 @@ def _free_memory(device):
 def _rows_that_fit(model, count, width, new_tokens, logits_rows=1):
     """How many rows one batch may hold (at least 1, at most count): AUTO_BATCH_MEMORY_SHARE of the device's free
     memory over _row_bytes. One batch per candidate when the whole set fits: on CPU 100 rows in one batch are
-    1.5-2x faster than 4 batches of 32 on the tiny model (README, Performance)."""
+    1.5-2x faster than 4 batches of 32 on the tiny model (DESIGN.md, Performance)."""
     device = _model_device(model)
     share = AUTO_BATCH_MEMORY_SHARE.get(device.type, AUTO_BATCH_MEMORY_SHARE["cuda"])
     rows = int(share * _free_memory(device) // _row_bytes(model, width, new_tokens, logits_rows))
@@ -601,7 +601,7 @@ def _plain_decoder(model):
 def _greedy_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):
     """New tokens of greedy decoding for each row of token ids, rows that ended padded with pad_id: the same tokens
     as generate() with do_sample=False (tests/test_evaluate.py compares them), without its per-call set-up and
-    per-step bookkeeping (8-12% of a tiny-model evaluation on CPU, README Performance). Identical prompts are run
+    per-step bookkeeping (8-12% of a tiny-model evaluation on CPU, DESIGN.md, Performance). Identical prompts are run
     once, prefixes that prompts share are run once (_prefix_levels), and decoding stops as soon as every row has
     ended."""
     device = _model_device(model)
@@ -1578,7 +1578,7 @@ class Scored:
 
 def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None):
     """Scored result of the candidate in `model` on one split ("dev" or "test") of a dataset.
-    One branch per row of data.schema.EVAL_TYPES (README, "Adding your evaluation")."""
+    One branch per row of data.schema.EVAL_TYPES (docs/extending.md)."""
     if eval_type == "multiple_choice":
         return score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), split), dataset)
     elif eval_type == "exact_match":

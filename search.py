@@ -144,7 +144,7 @@ def build_parser():
     a("--scoring", default="published", choices=["published", "strict"],
       help="answer extraction: 'published' reproduces the published evaluator (comparable with the paper's "
            "numbers: exact match = gold contained in the output; the letter among the first or last 5 characters), "
-           "'strict' reads the answer where the model gives it (README, Scoring)")
+           "'strict' reads the answer where the model gives it (docs/objectives.md, Scoring)")
     a("--reward_model", default="internlm/internlm2-7b-reward", help="reward model of the rm_* objectives")
     a("--trust_remote_code", type=int, default=0, choices=[0, 1], help="allow models that need remote code")
     a("--judge_model", default="gemini-1.5-flash", help="Gemini model of the 'human' objective (Vertex AI)")

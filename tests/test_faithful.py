@@ -247,22 +247,31 @@ def test_upstream_formats_cover_every_item_format_present():
 # ---------------------------------------------------------------------------------------------------------------
 # the README's commands
 
-def readme_commands():
-    """Every command the README shows: lines of its code blocks and `inline` commands, comments removed."""
-    text = (REPO / "README.md").read_text()
+DOC_PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+ENV_PREFIX = re.compile(r"^(?:[A-Z_]+=\S* )+")  # GPUS=0,1 bash ..., RAY_AUTH_MODE=token python ...
+
+
+def readme_commands(pages=DOC_PAGES):
+    """Every command the README and the docs pages show: lines of their code blocks (continuation lines joined) and
+    `inline` commands, comments removed, environment assignments in front dropped."""
     commands = []
-    for block in re.findall(r"```\n(.*?)```", text, re.S) + re.findall(r"\n((?:    \S.*\n)+)", text):
-        commands += [line.split("  #")[0].strip() for line in block.splitlines()]
-    commands += re.findall(r"`((?:python|bash|hf|make|DRY_RUN=1 bash) [^`]+)`", text)
-    return [c for c in commands if re.match(r"(RAY_AUTH_MODE=token )?(python|bash|hf|make|ray|conda|DRY_RUN)", c)]
+    for page in pages:
+        text = (REPO / page).read_text()
+        for block in re.findall(r"```\n(.*?)```", text, re.S) + re.findall(r"\n((?:    \S.*\n)+)", text):
+            block = re.sub(r"\\\n\s*", "", block)
+            commands += [line.split("  #")[0].strip() for line in block.splitlines()]
+        commands += re.findall(r"`((?:[A-Z_]+=\S* )*(?:python|bash|hf|make) [^`]+)`", text)
+    commands = [ENV_PREFIX.sub("", c) for c in commands]
+    return [c for c in commands if re.match(r"(python|bash|hf|make|ray|conda)\b", c)]
 
 
 def test_every_readme_command_names_something_that_exists():
     venv_bin = Path(sys.executable).parent
     commands = readme_commands()
     assert any(c.startswith("hf auth login") for c in commands)
+    assert any("benchmarks/performance_report.py" in c for c in commands)
     for command in commands:
-        words = command.replace("RAY_AUTH_MODE=token ", "").replace("DRY_RUN=1 ", "").split()
+        words = command.split()
         if words[0] == "python":
             script = words[2] if words[1] == "-m" else words[1]
             assert words[1] == "-m" or (REPO / script).is_file(), command
@@ -277,6 +286,21 @@ def test_every_readme_command_names_something_that_exists():
             assert re.search(rf"^{words[1]}:", (REPO / "Makefile").read_text(), re.M), command
         elif words[0] == "conda":
             assert (REPO / "bwr.yml").is_file()
+
+
+def test_every_python_command_of_the_docs_parses_its_arguments():
+    """Each `python <script> ARGS` the README and docs show, run with -h appended: the script imports in this
+    environment and every argument before -h has a valid flag, type and choice (argparse checks them in order)."""
+    seen = set()
+    for command in readme_commands():
+        words = command.split()
+        if words[0] != "python" or words[1] in ("-m", "-c") or command in seen:
+            continue
+        seen.add(command)
+        args = [a.strip("'\"") for a in words[2:] if a not in ("...",)]
+        proc = subprocess.run([sys.executable, words[1], *args, "-h"], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, **ENV}, timeout=120)
+        assert proc.returncode == 0 and "usage" in proc.stdout, (command, proc.stderr[-1000:])
 
 
 def test_readme_commands_that_run_offline(tiny, tmp_path):
@@ -294,3 +318,8 @@ def test_readme_commands_that_run_offline(tiny, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     for command in ("initial_experts/expert_init.py", "data/prepare_data.py", "search.py"):
         subprocess.run([sys.executable, command, "-h"], cwd=REPO, env=env, check=True, capture_output=True)
+    # the README's quick search, verbatim (its output folder aside)
+    quick = next(c for c in readme_commands(["README.md"]) if c.startswith("python search.py -n quick"))
+    subprocess.run([sys.executable, *quick.split()[1:], "--output_root", str(tmp_path / "runs")], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=600)
+    assert (only_dir(tmp_path / "runs") / "global_best").is_dir()

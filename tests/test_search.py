@@ -120,7 +120,7 @@ def test_existing_name_is_never_overwritten(two_iterations, tiny, data):
 
 def test_search_checks_its_arguments_without_torch():
     """search.py reads the merge methods and optimizers to check its arguments, and starts the workers, before it
-    imports torch (2 s): merge.py and bwr.py import it where they use it (README, Start-up)."""
+    imports torch (2 s): merge.py and bwr.py import it where they use it (DESIGN.md, Performance)."""
     code = "import sys, search; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
