@@ -854,8 +854,22 @@ def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_siz
     prefix), one row per item is enough: the shared part is the context and the keys are compared by next-token
     log-prob. Otherwise each key gets its own row and the summed log-prob of its tokens decides.
     """
-    device = _model_device(model)
-    rows, specs = [], []  # specs: (item index, key, row index, targets [(position from the end, token id)])
+    rows, specs = _option_rows(tokenizer, items, dataset, icl_prompt)
+    need = {}
+    for _, _, r, targets in specs:
+        need[r] = max(need.get(r, 1), max(p for p, _ in targets))
+    row_logprobs = _row_logprobs(model, tokenizer, rows, need, batch_size)
+    scores = [{} for _ in items]
+    for index, key, r, targets in specs:
+        lp = row_logprobs[r]
+        scores[index][key] = sum(lp[lp.shape[0] - p, tok].item() for p, tok in targets)
+    return scores
+
+
+def _option_rows(tokenizer, items, dataset, icl_prompt):
+    """(rows of token ids to run, specs): a spec (item index, key, row index, targets) says which log-probs of its
+    row score the key; a target (position from the end, token id)."""
+    rows, specs = [], []
     texts = [multiple_choice_prompt(item, dataset, icl_prompt) + " " + k for item in items for k in item["choices"]]
     encoded = iter(encode(tokenizer, texts))
     for index, item in enumerate(items):
@@ -872,13 +886,16 @@ def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_siz
                 # token tail[j] is predicted at the position len(row) - len(tail) + j - 1 of the full row,
                 # i.e. len(tail) - j positions from the end of the row without its last token
                 specs.append((index, k, len(rows) - 1, [(len(tail) - j, tok) for j, tok in enumerate(tail)]))
-    need = {}
-    for _, _, r, targets in specs:
-        need[r] = max(need.get(r, 1), max(p for p, _ in targets))
+    return rows, specs
+
+
+def _row_logprobs(model, tokenizer, rows, need, batch_size):
+    """Log-softmax over the last need[r] positions of each row. Rows share a prefix (instruction line, ICL example,
+    "Question: "): it runs once per evaluation and its keys/values serve every row, so each row costs only its own
+    tokens. The scored positions stay in each row's part."""
+    device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     row_logprobs = [None] * len(rows)
-    # Rows share a prefix (instruction line, ICL example, "Question: "): run it once per evaluation and reuse its
-    # keys/values for every row, so each row costs only its own tokens. The scored positions stay in each row's part.
     shared = min([_common_prefix(rows)] + [len(rows[r]) - need[r] for r in range(len(rows))])
     prefix_kv = _prefix_keys_values(model, rows[0][:shared], device) if shared > 0 and len(rows) > 1 else None
     if prefix_kv is None:
@@ -887,28 +904,23 @@ def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_siz
     def run(chunk):
         input_ids, mask = _left_pad([rows[r][shared:] for r in chunk], pad_id, device)
         positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift real tokens' positions
-        keep = max(need[r] for r in chunk)
         extra = {}
         if prefix_kv is not None:
             from transformers import DynamicCache
             # [prefix | pads | row]: the pads sit between the shared prefix and each row, masked out
             mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
             extra["cache"] = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
-                                                     for k, v in prefix_kv])
+                                           for k, v in prefix_kv])
         with torch.inference_mode(), forward_timer(device):
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep, **extra).logits
+                           logits_to_keep=max(need[r] for r in chunk), **extra).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
         for j, r in enumerate(chunk):
             row_logprobs[r] = logprobs[j]
 
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
     _in_batches(model, len(rows), order, batch_size, run)
-    scores = [{} for _ in items]
-    for index, key, r, targets in specs:
-        lp = row_logprobs[r]
-        scores[index][key] = sum(lp[lp.shape[0] - p, tok].item() for p, tok in targets)
-    return scores
+    return row_logprobs
 
 
 def mc_logits(model, tokenizer, items, dataset, icl_prompt=None, batch_size=None):
