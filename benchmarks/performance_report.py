@@ -68,9 +68,8 @@ def profile_line(runs):
 
 
 def render(results, args, started, ended):
-    command = "python benchmarks/performance_report.py" + (f" --repetitions {args.repetitions}"
-                                                           if args.repetitions != 3 else "") \
-        + (f" --dataset {args.dataset}" if args.dataset != "tiny_demo" else "") + (" --quick" if args.quick else "")
+    command = " ".join(["python benchmarks/performance_report.py", *(a for a in sys.argv[1:] if a != args.out
+                                                                       and a != "--out")])
     lines = [
         "# Performance",
         "",
