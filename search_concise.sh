@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # BWR_model on the concise reward-model objective (reward model score + brevity) with the ten Gemma-7B-it LoRA experts.
 #
-# Needs: the experts (python initial_experts/expert_init.py), the prompts (python data/prepare_data.py rm), and GPUs.
+# Needs: the experts (python initial_experts/expert_init.py), the prompts (python data/build.py --published, or python data/prepare_data.py rm), and GPUs.
 # Extra arguments are passed to search.py, e.g.  bash search_concise.sh -m 20 -p 5
 # Toned down for smaller GPUs: --populate_initial_experts 0 --initial_experts_num 10 --step_length 0.5 -p 5 -m 20
 # No GPU? Try the CPU demo (bash search_demo.sh), or -g cpu (slow for a 7B model).

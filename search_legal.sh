@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # BWR_model on the legal domain (multitask: hearsay + citation_prediction_classification, harmonic mean) with the ten Gemma-7B-it LoRA experts.
 #
-# Needs: the experts (python initial_experts/expert_init.py), the data (python data/prepare_data.py hearsay citation_prediction_classification), and GPUs.
+# Needs: the experts (python initial_experts/expert_init.py), the data (python data/build.py --published, or python data/prepare_data.py hearsay citation_prediction_classification), and GPUs.
 # Extra arguments are passed to search.py, e.g.  bash search_legal.sh -m 20 -p 5
 # Toned down for smaller GPUs: --populate_initial_experts 0 --initial_experts_num 10 --step_length 0.5 -p 5 -m 20
 # No GPU? Try the CPU demo (bash search_demo.sh), or -g cpu (slow for a 7B model).

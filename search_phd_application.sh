@@ -2,7 +2,7 @@
 # BWR_model on a human-interest domain, judged by Gemini on Vertex AI ("Rating: N/10").
 # Needs: the Gemma-7B experts, GPUs, and Vertex AI access: gcloud auth application-default login,
 # GOOGLE_CLOUD_PROJECT (and optionally GOOGLE_CLOUD_LOCATION). Extra arguments are passed to search.py.
-# Other domains: set domain_list (line 8) to names of data/eval/human_<name>.json files.
+# Other domains: set domain_list (line 8) to names of data/eval/human_<name>.json files (published: data/build.py --published).
 set -euo pipefail
 cd "$(dirname "$0")"
 domain_list=("human_phd_application")
