@@ -77,6 +77,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.source is not None and not args.published:
         ap.error("--from goes with --published")
+    if args.published and args.seed != 0:
+        ap.error("--seed is for the generated sets; the published files are fixed")
     try:
         status = (published.install_published(args.out, args.source) if args.published
                   else build(args.out, args.seed))
