@@ -1264,12 +1264,12 @@ def correctness_emergence(state):
 PUBLISHED_LINKS = {"best": "global_best", "worst": "global_worst"}  # its folder names -> ours (same meaning)
 
 
-def published_result_files(details, eval_type):
+def published_result_files(details, eval_type, split):
     """{file name: values} the published evaluate.py writes for one evaluation, from our per-item details
     (golds_preds_<split>.json): on the test split golds.json and preds.json (the option letters; "Z" where no
     answer was read) for the objectives its overall_metrics votes on, scores.json (the per-item scores; 0/1 integers
     for exact match) for the others; on the dev split the same names with _dev."""
-    suffix = "" if details["split"] == "test" else "_dev"
+    suffix = "" if split == "test" else "_dev"
     if EVAL_TYPES[eval_type].published_vote:
         return {f"golds{suffix}.json": details["golds"],
                 f"preds{suffix}.json": ["Z" if p is None else p for p in details["preds"]]}
@@ -1297,7 +1297,7 @@ def write_published_layout(directory, n_candidates, eval_type):
         for split in ("test", "dev"):
             details, problem = read_json_object(os.path.join(directory, folder, f"golds_preds_{split}.json"))
             if problem is None:
-                for name, values in published_result_files(details, eval_type).items():
+                for name, values in published_result_files(details, eval_type, split).items():
                     atomic_write_text(os.path.join(directory, folder, name), json.dumps(values), durable=False)
     for link, target in PUBLISHED_LINKS.items():
         path = os.path.join(directory, link)

@@ -318,3 +318,19 @@ def test_exact_match_files_are_what_the_published_evaluator_writes(searches, tri
                 means.append(sum(scores) / len(scores))
     metrics = json.loads((directory / "final_metrics.json").read_text())
     assert sum(means) / 3 == pytest.approx(metrics["ending_top-k_ensemble_test_accuracy"])
+
+
+def test_a_resumed_finished_search_rewrites_the_published_files(searches, tmp_path):
+    directory = tmp_path / "copy"
+    shutil.copytree(searches("multiple_choice"), directory, symlinks=True)
+    before = {p: p.read_bytes() for p in directory.rglob("*.json") if p.is_file() and not p.is_symlink()}
+    (directory / "candidate_1" / "preds.json").unlink()
+    (directory / "best").unlink()
+    (directory / "args.txt").write_text("damaged")
+    proc = run_cli(["search.py", "--resume", directory], timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.readlink(directory / "best") == "global_best"
+    assert eval((directory / "args.txt").read_text(), {"Namespace": argparse.Namespace}).name == "copy"
+    for path, data in before.items():
+        if path.name != "state.json":
+            assert path.read_bytes() == data, path
