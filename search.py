@@ -15,6 +15,8 @@ Search directory layout (search/<name>_<hostname>[_<time>]/):
     state.json                 everything needed to resume (iteration, step length, rng state, counters)
     candidate_i/               current weights of population member i
     global_best/ global_worst/ best and worst weights ever evaluated (global_worst/ with --clean_up_on_end 0)
+    best/ worst/ args.txt      the published names: links to global_best/ and global_worst/, str() of the arguments
+    candidate_i/golds.json ... the published per-candidate results (golds, preds or scores; _dev twins) at the end
     final_metrics.json         the overall metrics at the end (ours and the published names)
     correctness_emergence.json per-item dev correctness of every candidate per iteration (--correctness_emergence 1)
     utility_curve.png          best, worst and every candidate over iterations
@@ -805,6 +807,9 @@ class Search:
     # -- initialisation
     def initialise(self):
         a = self.args
+        # the published search.py writes args.txt first thing; ours is rewritten at the end too (write_records)
+        atomic_write_text(os.path.join(self.dir, "args.txt"),
+                          published_args_text(read_json(os.path.join(self.dir, "args.json")), self.dir))
         rng = bwr.make_rng(a.seed)
         experts = self.setup.experts
         size = population_size(a, len(experts))
@@ -1136,6 +1141,7 @@ class Search:
         write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
         if self.args.correctness_emergence:
             atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"), json.dumps(correctness_emergence(s)))
+        write_published_layout(self.dir, len(s["candidates"]), self.args.eval_type)
         plot(s, self.dir, self.args.to_visualize)
 
     def run(self):
@@ -1281,6 +1287,60 @@ def correctness_emergence(state):
             current[i] = recorded.get(f"candidate_{i}", current[i])
             rows[str(i)].append(current[i])
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The published toolkit's result files beside ours, so that scripts written for its search directories read ours
+
+PUBLISHED_LINKS = {"best": "global_best", "worst": "global_worst"}  # its folder names -> ours (same meaning)
+
+
+def published_result_files(details, eval_type, split):
+    """{file name: values} the published evaluate.py writes for one evaluation, from our per-item details
+    (golds_preds_<split>.json): on the test split golds.json and preds.json (the option letters; "Z" where no
+    answer was read) for the objectives its overall_metrics votes on, scores.json (the per-item scores; 0/1 integers
+    for exact match) for the others; on the dev split the same names with _dev."""
+    suffix = "" if split == "test" else "_dev"
+    if EVAL_TYPES[eval_type].published_vote:
+        return {f"golds{suffix}.json": details["golds"],
+                f"preds{suffix}.json": ["Z" if p is None else p for p in details["preds"]]}
+    scores = details["scores"]
+    if eval_type == "exact_match":
+        scores = [int(v) for v in scores]
+    return {f"scores{suffix}.json": scores}
+
+
+def published_args_text(recorded, directory):
+    """args.txt as the published search.py writes it, str() of its argparse Namespace; here of args.json's values
+    (typed as parsed; every flag of ours) with name the search directory's, as the published code sets it."""
+    values = {key: value for key, value in recorded.items() if key != "args_sha256"}
+    values["name"] = os.path.basename(os.path.normpath(directory))
+    return str(argparse.Namespace(**values))
+
+
+def write_published_layout(directory, n_candidates, eval_type):
+    """args.txt, best/ and worst/ (relative links to global_best/ and global_worst/, when that folder exists) and
+    each evaluated folder's published result files, all derived from files already in the directory: rewriting
+    them gives the same bytes (a resume of a finished search repairs them)."""
+    atomic_write_text(os.path.join(directory, "args.txt"),
+                      published_args_text(read_json(os.path.join(directory, "args.json")), directory))
+    for folder in [f"candidate_{i}" for i in range(n_candidates)] + ["global_best"]:
+        for split in ("test", "dev"):
+            details, problem = read_json_object(os.path.join(directory, folder, f"golds_preds_{split}.json"))
+            if problem is None:
+                for name, values in published_result_files(details, eval_type, split).items():
+                    atomic_write_text(os.path.join(directory, folder, name), json.dumps(values), durable=False)
+    for link, target in PUBLISHED_LINKS.items():
+        path = os.path.join(directory, link)
+        if os.path.exists(path) and not os.path.islink(path):
+            continue  # a folder of the user's: left alone
+        if not os.path.isdir(os.path.join(directory, target)):
+            if os.path.islink(path):
+                os.remove(path)  # worst/ after --clean_up_on_end 1 removed global_worst/, as published
+        elif not os.path.islink(path) or os.readlink(path) != target:
+            tmp = os.path.join(directory, f".{link}.tmp{os.getpid()}")
+            os.symlink(target, tmp)
+            os.replace(tmp, path)
 
 
 def compact_details(details):

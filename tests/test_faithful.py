@@ -1,6 +1,6 @@
-"""What users compare with the published toolkit (issue 15): results files and their names, defaults, upstream data
-files as they are, the README's commands, and the defects found side by side. Real searches on the tiny population
-(three experts, small data slices), real subprocesses."""
+"""What users compare with the published toolkit (issue 15): results files and their names, defaults, the README's
+commands, and the defects found side by side (the published data files and result files: test_published.py). Real
+searches on the tiny population (three experts, small data slices), real subprocesses."""
 import ast
 import json
 import os
@@ -14,7 +14,6 @@ import pytest
 
 from conftest import REPO, only_dir
 
-UPSTREAM = REPO.parent / "shared" / "upstream-data" / "eval"  # ../shared next to the checkout
 ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 GPU_SCRIPTS = ["search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"]
 
@@ -177,71 +176,6 @@ def test_starter_scripts_use_the_published_iterations_and_project(script):
     out = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "DRY_RUN": "1"}, check=True).stdout
     assert re.search(r" -m 200( |$)", out) and " -p 10 " in out and re.search(r"--project_name_wb bwr( |$)", out)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# upstream data files, as they are
-
-def _shortest(items, n, text):
-    return sorted(items, key=lambda item: len(text(item)))[:n]
-
-
-def _trim(name, n=4):
-    """The n shortest dev and test items of an upstream file (the tiny model has 2,048 character positions)."""
-    data = json.loads((UPSTREAM / f"{name}.json").read_text())
-
-    def text(item):
-        return item.get("question", item.get("prompt", "")) + "".join(map(str, item.get("choices", {}).values()))
-    return {**data, "dev": _shortest(data["dev"], n, text), "test": _shortest(data["test"], n, text)}
-
-
-# one file of each format: (files, -e, -d, extra flags)
-UPSTREAM_FORMATS = {
-    "multiple_choice": (["mmlu"], "multiple_choice", "mmlu", []),
-    "multiple_choice_icl_prompt": (["knowledge_crosswords"], "multiple_choice", "knowledge_crosswords", []),
-    "abstain": (["truthfulqa"], "AbstainQA", "truthfulqa", []),
-    "exact_match": (["gsm8k"], "exact_match", "gsm8k", []),
-    "exact_match_without_dataset_key": (["mgsm_hindi"], "exact_match", "mgsm_hindi", []),
-    "multitask": (["hearsay", "citation_prediction_classification"], "multitask", "legal", []),
-    "prompts_reward_model": (["rm"], "rm_concise", "rm", ["--reward_model", "initial_experts/tiny/reward_model"]),
-}
-
-
-@pytest.mark.skipif(not UPSTREAM.is_dir(), reason=f"no upstream reference files in {UPSTREAM}")
-@pytest.mark.parametrize("fmt", sorted(UPSTREAM_FORMATS))
-def test_upstream_files_run_a_one_iteration_search_as_they_are(fmt, three_experts, tiny, tmp_path):
-    files, eval_type, dataset, extra = UPSTREAM_FORMATS[fmt]
-    data_dir = tmp_path / "eval"
-    data_dir.mkdir()
-    for name in files:
-        (data_dir / f"{name}.json").write_text(json.dumps(_trim(name), ensure_ascii=False))
-    search(tmp_path / "out", "-e", eval_type, "-d", dataset, "-i", three_experts, "--data_dir", data_dir, "-m", 1,
-           *extra)
-    directory = only_dir(tmp_path / "out")
-    metrics = json.loads((directory / "final_metrics.json").read_text())
-    assert metrics["iterations"] == 1
-    published_log_dicts((directory / "log.txt").read_text())
-
-
-def test_upstream_formats_cover_every_item_format_present():
-    """Every item format of the reference files is exercised above, except those that need a paid service
-    (Perspective for realtoxicityprompts, Vertex AI for human_*: prompt items like rm's)."""
-    if not UPSTREAM.is_dir():
-        pytest.skip(f"no upstream reference files in {UPSTREAM}")
-    shapes = set()
-    for path in UPSTREAM.glob("*.json"):
-        data = json.loads(path.read_text())
-        item = data["dev"][0]
-        shapes.add(("choices" in item, "question" in item, "prompt" in item, "icl_prompt" in data,
-                    "dataset" in data))
-    covered = set()
-    for files, *_ in UPSTREAM_FORMATS.values():
-        for name in files:
-            data = json.loads((UPSTREAM / f"{name}.json").read_text())
-            item = data["dev"][0]
-            covered.add(("choices" in item, "question" in item, "prompt" in item, "icl_prompt" in data,
-                         "dataset" in data))
-    assert shapes == covered
 
 
 # ---------------------------------------------------------------------------------------------------------------
