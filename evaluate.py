@@ -16,7 +16,7 @@ call `evaluate_split()`, which returns (utility, details) and is what the search
 
 Adding your evaluation
 ----------------------
-Two additions (README.md, "Adding your data, models, evaluation", has the worked example its test runs): a row in
+Two additions (docs/extending.md has the worked example its test runs): a row in
 data/schema.py's EVAL_TYPES (item kind, what the utility is, a help line, whether the items have gold answers that
 ensembles can vote on), which search.py's -e, the data validation and the ensembles read; and an
 `elif eval_type == "<yours>":` branch in score(), just above its final `else:`. The branch has `model` and
@@ -58,7 +58,7 @@ class EvalError(ValueError):
 DEFAULT_REWARD_MODEL = "internlm/internlm2-7b-reward"
 DEFAULT_JUDGE_MODEL = "gemini-1.5-flash"
 RM_EVAL_TYPES = ("rm_default", "rm_verbose", "rm_concise")
-# How an answer is read from a generation (README, "Scoring"): "published" reproduces the published evaluator, so
+# How an answer is read from a generation (docs/objectives.md, "Scoring"): "published" reproduces the published evaluator, so
 # utilities compare with the paper's numbers; "strict" reads the answer where the model gives it (fewer false hits).
 SCORING_MODES = ("published", "strict")
 
@@ -502,7 +502,7 @@ def _free_memory(device):
 def _rows_that_fit(model, count, width, new_tokens, logits_rows=1):
     """How many rows one batch may hold (at least 1, at most count): AUTO_BATCH_MEMORY_SHARE of the device's free
     memory over _row_bytes. One batch per candidate when the whole set fits: on CPU 100 rows in one batch are
-    1.5-2x faster than 4 batches of 32 on the tiny model (README, Performance)."""
+    1.5-2x faster than 4 batches of 32 on the tiny model (DESIGN.md, Performance)."""
     device = _model_device(model)
     share = AUTO_BATCH_MEMORY_SHARE.get(device.type, AUTO_BATCH_MEMORY_SHARE["cuda"])
     rows = int(share * _free_memory(device) // _row_bytes(model, width, new_tokens, logits_rows))
@@ -601,7 +601,7 @@ def _plain_decoder(model):
 def _greedy_decode(model, rows, max_new_tokens, pad_id, eos, bos_id):
     """New tokens of greedy decoding for each row of token ids, rows that ended padded with pad_id: the same tokens
     as generate() with do_sample=False (tests/test_evaluate.py compares them), without its per-call set-up and
-    per-step bookkeeping (8-12% of a tiny-model evaluation on CPU, README Performance). Identical prompts are run
+    per-step bookkeeping (8-12% of a tiny-model evaluation on CPU, DESIGN.md, Performance). Identical prompts are run
     once, prefixes that prompts share are run once (_prefix_levels), and decoding stops as soon as every row has
     ended."""
     device = _model_device(model)
@@ -854,8 +854,22 @@ def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_siz
     prefix), one row per item is enough: the shared part is the context and the keys are compared by next-token
     log-prob. Otherwise each key gets its own row and the summed log-prob of its tokens decides.
     """
-    device = _model_device(model)
-    rows, specs = [], []  # specs: (item index, key, row index, targets [(position from the end, token id)])
+    rows, specs = _option_rows(tokenizer, items, dataset, icl_prompt)
+    need = {}
+    for _, _, r, targets in specs:
+        need[r] = max(need.get(r, 1), max(p for p, _ in targets))
+    row_logprobs = _row_logprobs(model, tokenizer, rows, need, batch_size)
+    scores = [{} for _ in items]
+    for index, key, r, targets in specs:
+        lp = row_logprobs[r]
+        scores[index][key] = sum(lp[lp.shape[0] - p, tok].item() for p, tok in targets)
+    return scores
+
+
+def _option_rows(tokenizer, items, dataset, icl_prompt):
+    """(rows of token ids to run, specs): a spec (item index, key, row index, targets) says which log-probs of its
+    row score the key; a target (position from the end, token id)."""
+    rows, specs = [], []
     texts = [multiple_choice_prompt(item, dataset, icl_prompt) + " " + k for item in items for k in item["choices"]]
     encoded = iter(encode(tokenizer, texts))
     for index, item in enumerate(items):
@@ -872,13 +886,16 @@ def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_siz
                 # token tail[j] is predicted at the position len(row) - len(tail) + j - 1 of the full row,
                 # i.e. len(tail) - j positions from the end of the row without its last token
                 specs.append((index, k, len(rows) - 1, [(len(tail) - j, tok) for j, tok in enumerate(tail)]))
-    need = {}
-    for _, _, r, targets in specs:
-        need[r] = max(need.get(r, 1), max(p for p, _ in targets))
+    return rows, specs
+
+
+def _row_logprobs(model, tokenizer, rows, need, batch_size):
+    """Log-softmax over the last need[r] positions of each row. Rows share a prefix (instruction line, ICL example,
+    "Question: "): it runs once per evaluation and its keys/values serve every row, so each row costs only its own
+    tokens. The scored positions stay in each row's part."""
+    device = _model_device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     row_logprobs = [None] * len(rows)
-    # Rows share a prefix (instruction line, ICL example, "Question: "): run it once per evaluation and reuse its
-    # keys/values for every row, so each row costs only its own tokens. The scored positions stay in each row's part.
     shared = min([_common_prefix(rows)] + [len(rows[r]) - need[r] for r in range(len(rows))])
     prefix_kv = _prefix_keys_values(model, rows[0][:shared], device) if shared > 0 and len(rows) > 1 else None
     if prefix_kv is None:
@@ -887,28 +904,23 @@ def option_logprobs(model, tokenizer, items, dataset, icl_prompt=None, batch_siz
     def run(chunk):
         input_ids, mask = _left_pad([rows[r][shared:] for r in chunk], pad_id, device)
         positions = shared + (mask.cumsum(-1) - 1).clamp(min=0)  # left padding must not shift real tokens' positions
-        keep = max(need[r] for r in chunk)
         extra = {}
         if prefix_kv is not None:
             from transformers import DynamicCache
             # [prefix | pads | row]: the pads sit between the shared prefix and each row, masked out
             mask = torch.cat([mask.new_ones(len(chunk), shared), mask], dim=1)
             extra["cache"] = DynamicCache([(k.expand(len(chunk), -1, -1, -1), v.expand(len(chunk), -1, -1, -1))
-                                                     for k, v in prefix_kv])
+                                           for k, v in prefix_kv])
         with torch.inference_mode(), forward_timer(device):
             logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep, **extra).logits
+                           logits_to_keep=max(need[r] for r in chunk), **extra).logits
             logprobs = torch.log_softmax(logits.float(), dim=-1)
         for j, r in enumerate(chunk):
             row_logprobs[r] = logprobs[j]
 
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
     _in_batches(model, len(rows), order, batch_size, run)
-    scores = [{} for _ in items]
-    for index, key, r, targets in specs:
-        lp = row_logprobs[r]
-        scores[index][key] = sum(lp[lp.shape[0] - p, tok].item() for p, tok in targets)
-    return scores
+    return row_logprobs
 
 
 def mc_logits(model, tokenizer, items, dataset, icl_prompt=None, batch_size=None):
@@ -1004,6 +1016,8 @@ def exact_match_score(rule, gold, pred):
         return 0.0
     if rule == "last_number" or (rule == "yes_no_or_number" and gold.strip().lower() not in ("yes", "no")):
         g, p = _number(gold.strip()), _number(pred)
+        if g is None and rule == "last_number":  # a worked solution as the gold (the published mgsm files): its
+            g = _number(extract_answer(rule, gold, gold) or "")  # last number is the answer
         return float(g is not None and p is not None and g == p)
     if rule == "yes_no_or_number":
         return float(pred == gold.strip().lower())
@@ -1578,7 +1592,7 @@ class Scored:
 
 def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None):
     """Scored result of the candidate in `model` on one split ("dev" or "test") of a dataset.
-    One branch per row of data.schema.EVAL_TYPES (README, "Adding your evaluation")."""
+    One branch per row of data.schema.EVAL_TYPES (docs/extending.md)."""
     if eval_type == "multiple_choice":
         return score_multiple_choice(model, tokenizer, _split(load_data(dataset, eval_type), split), dataset)
     elif eval_type == "exact_match":

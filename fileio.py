@@ -3,11 +3,15 @@
 Nothing is modified in place: a file or folder is written under a temporary name next to its destination and
 renamed into place, so a kill at any instant leaves the old or the new version, never a torn one. durable=True adds
 the fsyncs that make the new version survive a power cut as well; sync_filesystem makes a whole staging folder
-durable in one system call."""
+durable in one system call. A search directory has one owner at a time: DirectoryLock."""
 import contextlib
+import fcntl
+import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 
 
@@ -144,3 +148,88 @@ def link_tree(src, dst, ignore=None):
     except OSError:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst, ignore=ignore)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One owner per search directory
+
+LOCK_FILE = ".lock"             # empty; the operating system's lock on it is what counts
+HOLDER_FILE = ".lock_holder.json"  # who holds the lock: host, pid, since (removed when the lock is released)
+
+
+class DirectoryBusy(Exception):
+    """The directory is locked by another process; holder: its HOLDER_FILE record ({} if it could not be read)."""
+
+    def __init__(self, directory, holder):
+        super().__init__(directory)
+        self.directory = directory
+        self.holder = holder
+
+
+class DirectoryLock:
+    """An exclusive advisory lock (flock) on <directory>/.lock, held for the life of one process.
+
+    The kernel releases it however the holder ends, SIGKILL included, so a dead holder never blocks a resume. The lock
+    file is never removed or rewritten (removing it would let a third process lock a fresh file while a second still
+    holds the old one); who holds it is written beside it, in HOLDER_FILE, which a clean release removes: finding
+    HOLDER_FILE when taking the lock means the previous holder died holding it (`previous`). The descriptor is
+    close-on-exec and workers are spawned, not forked, so no child ever shares the lock. On Linux, flock on NFS
+    is carried out as a whole-file POSIX lock by the server (NFSv4 and NFSv3 with lockd): it holds across hosts
+    there; a file system mounted without working locks (NFS's local_lock=all, some FUSE file systems) gives each
+    host its own lock and no protection across hosts."""
+
+    def __init__(self, directory, wait=0.0, poll=0.2):
+        self.directory = directory
+        self.fd = os.open(os.path.join(directory, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(self.fd)
+                    raise DirectoryBusy(directory, self._read_holder(retry=True)) from None
+                time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
+        try:  # kept as bytes too, so that a process that gives the directory back untouched can put it back
+            with open(os.path.join(directory, HOLDER_FILE), "rb") as f:
+                self.previous_bytes = f.read()
+        except OSError:
+            self.previous_bytes = None
+        self.previous = self._read_holder()
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+        atomic_write_text(os.path.join(directory, HOLDER_FILE), json.dumps(self.holder))
+
+    def _read_holder(self, retry=False):
+        """The holder's record; a holder that has just taken the lock writes it a moment later (retry: wait 1 s)."""
+        path = os.path.join(self.directory, HOLDER_FILE)
+        for _ in range(10 if retry else 1):
+            try:
+                with open(path) as f:
+                    record = json.load(f)
+                if isinstance(record, dict):
+                    return record
+            except (OSError, ValueError):
+                pass
+            if retry:
+                time.sleep(0.1)
+        return {}
+
+    def release(self, untouched=False):
+        """Remove the holder record, then unlock. untouched: this process changed nothing in the directory (it
+        refused to resume it), so a dead holder's record is put back as it was. Idempotent; the directory may have
+        been removed meanwhile."""
+        if self.fd is None:
+            return
+        path = os.path.join(self.directory, HOLDER_FILE)
+        if untouched and self.previous_bytes is not None:
+            def write(tmp):
+                with open(tmp, "wb") as f:
+                    f.write(self.previous_bytes)
+            atomic_write(path, write)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        os.close(self.fd)  # closing the last descriptor of the open file releases the flock
+        self.fd = None

@@ -707,38 +707,9 @@ def _merge_checkpoints(weights, paths, output, device, method, params, seed, lab
     from safetensors.torch import save_file
     layouts = [_checkpoint_layout(p, labels[i]) for i, p in enumerate(paths)]
     ref_map = layouts[0][0]
-    for i, (wm, _) in enumerate(layouts[1:], 1):
-        missing = sorted(set(ref_map) - set(wm))
-        if missing:
-            raise MergeError(f"{labels[i]} is missing tensor {missing[0]!r} (present in {labels[0]}); "
-                             f"{len(missing)} tensor(s) missing in total")
-        extra = sorted(set(wm) - set(ref_map))
-        if extra:
-            raise MergeError(f"{labels[i]} has tensor {extra[0]!r} not present in {labels[0]}; "
-                             f"{len(extra)} extra tensor(s) in total")
-    dev = str(device)
+    _check_same_tensors([wm for wm, _ in layouts], labels)
     with contextlib.ExitStack() as stack:
-        handles = []  # per input: {file name: safe_open handle}
-        for i, (wm, _) in enumerate(layouts):
-            opened = {}
-            for fname in sorted(set(wm.values())):
-                try:
-                    opened[fname] = stack.enter_context(safe_open(os.path.join(paths[i], fname), framework="pt", device=dev))
-                except Exception as e:
-                    raise MergeError(f"{labels[i]}: cannot read {fname!r}: {str(e).splitlines()[0]}") from None
-            handles.append(opened)
-        # shapes are checked from the headers before anything is written
-        keysets = [{fname: set(h.keys()) for fname, h in opened.items()} for opened in handles]
-        for key in sorted(ref_map):
-            shapes = []
-            for i, (wm, _) in enumerate(layouts):
-                if key not in keysets[i][wm[key]]:
-                    raise MergeError(f"{labels[i]}: tensor {key!r} is listed in the index but missing from {wm[key]!r}")
-                shapes.append(list(handles[i][wm[key]].get_slice(key).get_shape()))
-            for i, shape in enumerate(shapes[1:], 1):
-                if shape != shapes[0]:
-                    raise MergeError(f"shape mismatch at tensor {key!r}: {labels[i]} has {shape} but "
-                                     f"{labels[0]} has {shapes[0]}")
+        handles = _open_checkpoints(stack, layouts, paths, labels, str(device))
         shards = {}
         for key in ref_map:
             shards.setdefault(ref_map[key], []).append(key)
@@ -762,6 +733,47 @@ def _merge_checkpoints(weights, paths, output, device, method, params, seed, lab
                 src = os.path.join(paths[0], name)
                 if os.path.isfile(src) and not name.endswith(_WEIGHT_SUFFIXES):
                     shutil.copyfile(src, os.path.join(tmp, name))
+
+
+def _check_same_tensors(weight_maps, labels):
+    """Every checkpoint lists the first one's tensors, no more and no fewer."""
+    reference = weight_maps[0]
+    for i, wm in enumerate(weight_maps[1:], 1):
+        missing = sorted(set(reference) - set(wm))
+        if missing:
+            raise MergeError(f"{labels[i]} is missing tensor {missing[0]!r} (present in {labels[0]}); "
+                             f"{len(missing)} tensor(s) missing in total")
+        extra = sorted(set(wm) - set(reference))
+        if extra:
+            raise MergeError(f"{labels[i]} has tensor {extra[0]!r} not present in {labels[0]}; "
+                             f"{len(extra)} extra tensor(s) in total")
+
+
+def _open_checkpoints(stack, layouts, paths, labels, device):
+    """Per input {file name: safe_open handle}, entered on stack; shapes are checked from the headers before
+    anything is written."""
+    handles = []
+    for i, (wm, _) in enumerate(layouts):
+        opened = {}
+        for fname in sorted(set(wm.values())):
+            try:
+                opened[fname] = stack.enter_context(safe_open(os.path.join(paths[i], fname), framework="pt",
+                                                              device=device))
+            except Exception as e:
+                raise MergeError(f"{labels[i]}: cannot read {fname!r}: {str(e).splitlines()[0]}") from None
+        handles.append(opened)
+    keysets = [{fname: set(h.keys()) for fname, h in opened.items()} for opened in handles]
+    for key in sorted(layouts[0][0]):
+        shapes = []
+        for i, (wm, _) in enumerate(layouts):
+            if key not in keysets[i][wm[key]]:
+                raise MergeError(f"{labels[i]}: tensor {key!r} is listed in the index but missing from {wm[key]!r}")
+            shapes.append(list(handles[i][wm[key]].get_slice(key).get_shape()))
+        for i, shape in enumerate(shapes[1:], 1):
+            if shape != shapes[0]:
+                raise MergeError(f"shape mismatch at tensor {key!r}: {labels[i]} has {shape} but "
+                                 f"{labels[0]} has {shapes[0]}")
+    return handles
 
 
 def lora_merge(weights, lora_name_list, output_name, gpu_id, directly_load_safetensors=1,

@@ -15,13 +15,17 @@ Search directory layout (search/<name>_<hostname>[_<time>]/):
     state.json                 everything needed to resume (iteration, step length, rng state, counters)
     candidate_i/               current weights of population member i
     global_best/ global_worst/ best and worst weights ever evaluated (global_worst/ with --clean_up_on_end 0)
+    best/ worst/ args.txt      the published names: links to global_best/ and global_worst/, str() of the arguments
+    candidate_i/golds.json ... the published per-candidate results (golds, preds or scores; _dev twins) at the end
     final_metrics.json         the overall metrics at the end (ours and the published names)
     correctness_emergence.json per-item dev correctness of every candidate per iteration (--correctness_emergence 1)
     utility_curve.png          best, worst and every candidate over iterations
+    .lock, .lock_holder.json   the running search's exclusive lock on the directory, and who holds it
 """
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -35,18 +39,29 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import bwr
-import merge
-import optimizers
-from data.schema import EVAL_TYPES
-from fileio import apply_moves, atomic_write, atomic_write_text, link_tree, sync_filesystem
-from workers import CandidateTask, EvaluateTask, LocalPool, Source, WorkerError, describe_task
+try:
+    import bwr
+    import merge
+    import optimizers
+    from data.schema import EVAL_TYPES
+    from fileio import (DirectoryBusy, DirectoryLock, apply_moves, atomic_write, atomic_write_text, link_tree,
+                        sync_filesystem)
+    from workers import CandidateTask, EvaluateTask, LocalPool, Source, WorkerError, describe_task
+except ModuleNotFoundError as missing:  # started by an interpreter without the requirements (not .venv's)
+    if __name__ != "__main__":
+        raise
+    venv = os.path.join(os.path.dirname(os.path.abspath(__file__)), ".venv", "bin", "python")
+    print(f"search.py: error: {sys.executable} has no {missing.name!r} module; "
+          + (f"run {os.path.relpath(venv)} search.py ..." if os.path.exists(venv)
+             else "run `make demo` (it builds .venv), then .venv/bin/python search.py ...")
+          + " (or pip install -r requirements.txt in your environment)", file=sys.stderr)
+    sys.exit(2)
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 STATE_VERSION = 1
 # flags that may differ when resuming: they change where and how fast work runs, never what is computed
 RESUMABLE_OVERRIDES = {"gpus", "batch_size", "wandb_mode", "project_name_wb", "num_cpu_workers", "backend",
-                       "ray_address", "num_cpu_when_merging"}
+                       "ray_address", "num_cpu_when_merging", "lock_wait"}
 
 
 class UsageError(Exception):
@@ -136,7 +151,7 @@ def build_parser():
     a("--scoring", default="published", choices=["published", "strict"],
       help="answer extraction: 'published' reproduces the published evaluator (comparable with the paper's "
            "numbers: exact match = gold contained in the output; the letter among the first or last 5 characters), "
-           "'strict' reads the answer where the model gives it (README, Scoring)")
+           "'strict' reads the answer where the model gives it (docs/objectives.md, Scoring)")
     a("--reward_model", default="internlm/internlm2-7b-reward", help="reward model of the rm_* objectives")
     a("--trust_remote_code", type=int, default=0, choices=[0, 1], help="allow models that need remote code")
     a("--judge_model", default="gemini-1.5-flash", help="Gemini model of the 'human' objective (Vertex AI)")
@@ -148,6 +163,9 @@ def build_parser():
     a("--output_root", default="search", help="folder in which the search directory is created")
     a("--data_dir", default=os.path.join(REPO, "data", "eval"), help="folder of the evaluation sets")
     a("--resume", default=None, metavar="DIR", help="continue the interrupted search in DIR")
+    a("--lock_wait", type=float, default=0.0, metavar="SECONDS",
+      help="--resume of a directory another search.py still holds: wait up to this long for it to end (a "
+           "scheduler's requeue) instead of refusing at once")
     return p
 
 
@@ -627,16 +645,31 @@ class Trash:
 
 
 def new_search_dir(root, name):
-    """search/<name>_<hostname>; never an existing folder (a time and then a counter are appended)."""
+    """Creates search/<name>_<hostname>, or with a time and then a counter appended when that exists. mkdir is
+    atomic, so two searches started at the same instant with the same name never share a folder."""
     base = os.path.join(root, f"{name}_{socket.gethostname()}")
-    path = base
-    if os.path.exists(path):
-        path = f"{base}_{time.strftime('%Y%m%d-%H%M%S')}"
-    counter = 1
-    while os.path.exists(path):
-        path = f"{base}_{time.strftime('%Y%m%d-%H%M%S')}_{counter}"
-        counter += 1
-    return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for path in itertools.chain([base, f"{base}_{stamp}"], (f"{base}_{stamp}_{n}" for n in itertools.count(1))):
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def lock_search_dir(directory, wait=0.0):
+    """Takes the directory's lock (fileio.DirectoryLock) or refuses in one line naming who holds it."""
+    try:
+        return DirectoryLock(directory, wait=wait)
+    except DirectoryBusy as busy:
+        h = busy.holder
+        who = (f"search.py pid {h.get('pid')} on {h.get('host')} since {h.get('since')}" if h
+               else "another process (its holder record is unreadable)")
+        waited = f" (still, after waiting {wait:g} s)" if wait else ""
+        hint = "" if wait else "; wait for it to end, or add --lock_wait SECONDS to wait for it"
+        raise UsageError(f"{directory} is in use by {who}{waited}{hint}") from None
+    except OSError as e:
+        raise UsageError(f"cannot lock {directory} ({e.strerror})") from None
 
 
 class Log:
@@ -798,6 +831,9 @@ class Search:
     # -- initialisation
     def initialise(self):
         a = self.args
+        # the published search.py writes args.txt first thing; ours is rewritten at the end too (write_records)
+        atomic_write_text(os.path.join(self.dir, "args.txt"),
+                          published_args_text(read_json(os.path.join(self.dir, "args.json")), self.dir))
         rng = bwr.make_rng(a.seed)
         experts = self.setup.experts
         size = population_size(a, len(experts))
@@ -1133,6 +1169,7 @@ class Search:
         write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
         if self.args.correctness_emergence:
             atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"), json.dumps(correctness_emergence(s)))
+        write_published_layout(self.dir, len(s["candidates"]), self.args.eval_type)
         plot(s, self.dir, self.args.to_visualize)
 
     def run(self):
@@ -1278,6 +1315,60 @@ def correctness_emergence(state):
             current[i] = recorded.get(f"candidate_{i}", current[i])
             rows[str(i)].append(current[i])
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The published toolkit's result files beside ours, so that scripts written for its search directories read ours
+
+PUBLISHED_LINKS = {"best": "global_best", "worst": "global_worst"}  # its folder names -> ours (same meaning)
+
+
+def published_result_files(details, eval_type, split):
+    """{file name: values} the published evaluate.py writes for one evaluation, from our per-item details
+    (golds_preds_<split>.json): on the test split golds.json and preds.json (the option letters; "Z" where no
+    answer was read) for the objectives its overall_metrics votes on, scores.json (the per-item scores; 0/1 integers
+    for exact match) for the others; on the dev split the same names with _dev."""
+    suffix = "" if split == "test" else "_dev"
+    if EVAL_TYPES[eval_type].published_vote:
+        return {f"golds{suffix}.json": details["golds"],
+                f"preds{suffix}.json": ["Z" if p is None else p for p in details["preds"]]}
+    scores = details["scores"]
+    if eval_type == "exact_match":
+        scores = [int(v) for v in scores]
+    return {f"scores{suffix}.json": scores}
+
+
+def published_args_text(recorded, directory):
+    """args.txt as the published search.py writes it, str() of its argparse Namespace; here of args.json's values
+    (typed as parsed; every flag of ours) with name the search directory's, as the published code sets it."""
+    values = {key: value for key, value in recorded.items() if key != "args_sha256"}
+    values["name"] = os.path.basename(os.path.normpath(directory))
+    return str(argparse.Namespace(**values))
+
+
+def write_published_layout(directory, n_candidates, eval_type):
+    """args.txt, best/ and worst/ (relative links to global_best/ and global_worst/, when that folder exists) and
+    each evaluated folder's published result files, all derived from files already in the directory: rewriting
+    them gives the same bytes (a resume of a finished search repairs them)."""
+    atomic_write_text(os.path.join(directory, "args.txt"),
+                      published_args_text(read_json(os.path.join(directory, "args.json")), directory))
+    for folder in [f"candidate_{i}" for i in range(n_candidates)] + ["global_best"]:
+        for split in ("test", "dev"):
+            details, problem = read_json_object(os.path.join(directory, folder, f"golds_preds_{split}.json"))
+            if problem is None:
+                for name, values in published_result_files(details, eval_type, split).items():
+                    atomic_write_text(os.path.join(directory, folder, name), json.dumps(values), durable=False)
+    for link, target in PUBLISHED_LINKS.items():
+        path = os.path.join(directory, link)
+        if os.path.exists(path) and not os.path.islink(path):
+            continue  # a folder of the user's: left alone
+        if not os.path.isdir(os.path.join(directory, target)):
+            if os.path.islink(path):
+                os.remove(path)  # worst/ after --clean_up_on_end 1 removed global_worst/, as published
+        elif not os.path.islink(path) or os.readlink(path) != target:
+            tmp = os.path.join(directory, f".{link}.tmp{os.getpid()}")
+            os.symlink(target, tmp)
+            os.replace(tmp, path)
 
 
 def compact_details(details):
@@ -1528,31 +1619,38 @@ def check_state(directory, state, recorded):
 
 
 def prepare(argv, start_workers=True):
-    """Parse and validate; returns (args, setup, directory, state or None, pool or None). Creates no file before
-    validation passed. The local workers are started part-way through validation (validate_args) and killed if
-    it fails; start_workers=False only validates (pool None)."""
+    """Parse and validate; returns (args, setup, directory, state, pool, lock). Creates no file before validation
+    passed: for a new search directory, state and lock are None (main creates and locks it). A resumed directory is
+    locked before anything in it is read or changed (lock; released if validation fails). The local workers are
+    started part-way through validation (validate_args) and killed if it fails; start_workers=False only validates
+    (pool None)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    started = []
+    started, held = [], []
 
     def early_start(devices, merge_params):
         if start_workers and args.backend == "local":
             config = {**worker_config(args, devices, merge_params), "preload": True}
             started.append(LocalPool(devices, config, wait=False))
     try:
-        args, setup, directory, state = _prepare(args, argv, early_start)
+        args, setup, directory, state = _prepare(args, argv, early_start, held)
     except BaseException:
         for pool in started:
             pool.kill()
+        for lock in held:
+            lock.release(untouched=True)
         raise
-    return args, setup, directory, state, (started[0] if started else None)
+    return args, setup, directory, state, (started[0] if started else None), (held[0] if held else None)
 
 
-def _prepare(args, argv, start_workers):
+def _prepare(args, argv, start_workers, held):
     if args.resume:
         directory = args.resume.rstrip("/")
         if not os.path.isfile(os.path.join(directory, "args.json")):
             raise UsageError(f"--resume {args.resume}: not a search directory (no args.json)")
+        if not args.lock_wait >= 0:
+            raise UsageError(f"--lock_wait must be >= 0 seconds (got {args.lock_wait:g})")
+        held.append(lock_search_dir(directory, args.lock_wait))
         recorded = read_resume_file(directory, "args.json")
         if recorded.get("args_sha256") != args_checksum(recorded):
             raise UsageError(f"--resume {directory}: args.json was edited or damaged (its checksum does not match "
@@ -1592,8 +1690,7 @@ def _prepare(args, argv, start_workers):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"cannot write to {root}/ ({e.strerror}); choose another --output_root") from None
-    directory = new_search_dir(root, args.name)
-    return args, setup, directory, None
+    return args, setup, None, None
 
 
 class Interrupts:
@@ -1659,18 +1756,19 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     INTERRUPTS.install()
     try:
-        args, setup, directory, state, pool = prepare(argv)
+        args, setup, directory, state, pool, lock = prepare(argv)
     except UsageError as e:
         print(f"search.py: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("search.py: interrupted before the search started; nothing was written", file=sys.stderr)
         return 128 + (INTERRUPTS.received or signal.SIGINT)
-    fresh = state is None and not args.resume
+    fresh = directory is None
     search = None
     try:
         if fresh:
-            os.makedirs(directory)
+            directory = new_search_dir(args.output_root, args.name)
+            lock = DirectoryLock(directory)  # before the first file: from then on a --resume of it may be typed
             recorded = public_args(args)
             recorded["args_sha256"] = args_checksum(recorded)
             write_json(os.path.join(directory, "args.json"), recorded)
@@ -1678,6 +1776,10 @@ def main(argv=None):
                         pool)
         print(f"log: {os.path.join(directory, 'log.txt')}", flush=True)
         search.log(f"{'resuming' if args.resume else 'starting'} search in {directory}")
+        if lock.previous:
+            p = lock.previous
+            search.log(f"took over {directory} from search.py pid {p.get('pid')} on {p.get('host')} (holding it since "
+                       f"{p.get('since')}), which ended without releasing it: killed or crashed")
         if setup.ignored:
             search.log(f"ignored sub-folders of {args.initial_expert_directory} (no adapter/model): "
                        f"{', '.join(setup.ignored)}")
@@ -1693,12 +1795,13 @@ def main(argv=None):
                     search.close()
                 except Exception:  # noqa: BLE001 - the first fault is the one to report
                     pass
-            if not os.path.exists(os.path.join(directory, "state.json")) and (fresh or search is None):
+            if directory is None or (not os.path.exists(os.path.join(directory, "state.json"))
+                                     and (fresh or search is None)):
                 # nothing worth resuming was written: leave no half-made search directory behind
-                if fresh:
+                if fresh and directory is not None:
                     shutil.rmtree(directory, ignore_errors=True)
                 print(f"search.py: {what} (before the first candidates were saved"
-                      + (f"; {directory} removed)" if fresh else ")"), file=sys.stderr)
+                      + (f"; {directory} removed)" if fresh and directory else ")"), file=sys.stderr)
             else:
                 tidy(directory)
                 hint = f"state saved. Resume with: python search.py --resume {directory}"
@@ -1715,6 +1818,8 @@ def main(argv=None):
             search.close()
         elif pool is not None:  # refused before the search took the workers over (e.g. args.json not writable)
             pool.kill()
+        if lock is not None:
+            lock.release()  # last: the directory is complete (tidied, or removed) when the next owner may take it
 
 
 def exit_at_once(code):

@@ -3,7 +3,6 @@
 # objective, through search.py; prints the table of starting best, ending best and gains with paired SEs.
 # Arguments go to benchmarks/compare_optimizers.py, e.g.  bash search_compare.sh --budget 60 -j 2
 set -euo pipefail
-cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
+source "$(dirname "$0")/search_common.sh"
 export HF_HUB_OFFLINE=1
 "$PYTHON" benchmarks/compare_optimizers.py "$@"

@@ -1,28 +1,10 @@
 #!/usr/bin/env bash
-# BWR_model on the legal domain (multitask: hearsay + citation_prediction_classification, harmonic mean) with the ten Gemma-7B-it LoRA experts.
-#
-# Needs: the experts (python initial_experts/expert_init.py), the data (python data/prepare_data.py hearsay citation_prediction_classification), and GPUs.
-# Extra arguments are passed to search.py, e.g.  bash search_legal.sh -m 20 -p 5
-# Toned down for smaller GPUs: --populate_initial_experts 0 --initial_experts_num 10 --step_length 0.5 -p 5 -m 20
-# No GPU? Try the CPU demo (bash search_demo.sh), or -g cpu (slow for a 7B model).
-# DRY_RUN=1 prints the command instead of running it.
+# BWR_model on the legal domain (multitask: hearsay + citation_prediction_classification, harmonic mean) in the
+# paper setting (search_common.sh). Needs the experts (python initial_experts/expert_init.py) and the data
+# (python data/build.py --published, or python data/prepare_data.py hearsay
+# citation_prediction_classification).
+# Extra arguments go to search.py, e.g.  bash search_legal.sh -m 20 -p 5
+# DRY_RUN=1 prints the command instead of running it; PYTHON=... picks the interpreter; GPUS=0,1 the GPUs.
 set -euo pipefail
-cd "$(dirname "$0")"
-PYTHON=${PYTHON:-python}
-
-# Which GPUs? Edit the -g line below: one worker per GPU id, e.g. 0 / 0,1 / 0,2,4,5,6.
-${DRY_RUN:+echo} "$PYTHON" search.py \
-    -n legal \
-    -e multitask \
-    -d legal \
-    -i initial_experts \
-    -b google/gemma-7b-it \
-    --populate_initial_experts 1 \
-    --initial_experts_num 20 \
-    -p 10 \
-    -g 0,1,2,3,4 \
-    -m 200 \
-    --starting_test_set_eval 1 \
-    --fast_merge 1 \
-    --project_name_wb bwr \
-    "$@"
+source "$(dirname "$0")/search_common.sh"
+run_search -n legal -e multitask -d legal "${PAPER_SETTING[@]}" "$@"

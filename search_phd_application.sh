@@ -1,28 +1,13 @@
 #!/usr/bin/env bash
-# BWR_model on a human-interest domain, judged by Gemini on Vertex AI ("Rating: N/10").
-# Needs: the Gemma-7B experts, GPUs, and Vertex AI access: gcloud auth application-default login,
-# GOOGLE_CLOUD_PROJECT (and optionally GOOGLE_CLOUD_LOCATION). Extra arguments are passed to search.py.
-# Other domains: set domain_list (line 8) to names of data/eval/human_<name>.json files.
+# BWR_model on a human-interest domain, judged by Gemini on Vertex AI ("Rating: N/10"), in the paper setting
+# (search_common.sh). Needs the Gemma-7B experts, GPUs, and Vertex AI access: gcloud auth application-default login,
+# GOOGLE_CLOUD_PROJECT (and optionally GOOGLE_CLOUD_LOCATION). Extra arguments go to search.py.
+# Other domains: set domain_list below to names of data/eval/human_<name>.json files (the
+# published ones: python data/build.py --published).
+# DRY_RUN=1 prints the commands instead of running them; PYTHON=... picks the interpreter; GPUS=0,1 the GPUs.
 set -euo pipefail
-cd "$(dirname "$0")"
+source "$(dirname "$0")/search_common.sh"
 domain_list=("human_phd_application")
-PYTHON=${PYTHON:-python}
-# DRY_RUN=1 prints the commands instead of running them.
-
 for domain in "${domain_list[@]}"; do
-    # Which GPUs? Edit -g: one worker per GPU id.
-    ${DRY_RUN:+echo} "$PYTHON" search.py \
-        -n "$domain" \
-        -e human \
-        -d "$domain" \
-        -i initial_experts \
-        -b google/gemma-7b-it \
-        --populate_initial_experts 1 \
-        --initial_experts_num 20 \
-        -p 10 \
-        -g 0,1,2,3,4 \
-        -m 200 \
-        --starting_test_set_eval 1 \
-        --project_name_wb bwr \
-        "$@"
+    run_search -n "$domain" -e human -d "$domain" "${PAPER_SETTING[@]}" "$@"
 done

@@ -287,6 +287,7 @@ def _worker_main(device, config, conn):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ctrl-C reaches the whole process group; the driver decides when workers stop (it closes their pipe)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_the_driver()
     # workers write nothing to the terminal: library warnings and loading progress bars say nothing a user of the
     # search can act on (the driver checked the inputs up front), and a failed search says why in one line on stderr
     warnings.simplefilter("ignore")
@@ -319,6 +320,22 @@ def _worker_main(device, config, conn):
         except BaseException as e:  # noqa: BLE001
             result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         conn.send(result)
+
+
+def _die_with_the_driver():
+    """Linux: SIGKILL this worker the moment its driver dies. A driver killed with SIGKILL (or by the OOM killer)
+    releases the search directory's lock at once; a worker left running would stage files into that directory after a
+    --resume has taken it over. Started from the driver's main thread, so the signal follows the driver's life."""
+    import ctypes
+    import multiprocessing
+    import signal
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker ends when its pipe closes, after its current task
+        return
+    parent = multiprocessing.parent_process()
+    if parent is not None and os.getppid() != parent.pid:  # the driver died before the signal was asked for
+        os._exit(1)
 
 
 def _exit_at_once():

@@ -107,7 +107,7 @@ def main(argv=None):
               f"(paired SE)  weights {np.round(weights, 2).tolist()}", flush=True)
 
     report("uniform average", np.full(len(names), 1.0 / len(names)))
-    # total weight above 1: where BWR's updates of members of total weight 1 do not go (README, "Merge headroom")
+    # total weight above 1: where BWR's updates of members of total weight 1 do not go (docs/tiny.md, "Merge headroom")
     for total in (1.5, 2.0):
         report(f"uniform average scaled to total weight {total}", np.full(len(names), total / len(names)))
 

@@ -58,7 +58,7 @@ TINY_RECIPE = {
     # budget it cost the base the positional skills the experts build on.
     # stream names the pre-training data stream (seeded by --seed). 4,800 steps: at 1,600 the base
     # computed the positional operations on only ~75% of the questions, too weak for experts to
-    # specialise cleanly (README, "The embedded tiny population and the demo objective").
+    # specialise cleanly (docs/tiny.md).
     "pretrain": {"steps": 4800, "batch_size": 32, "lr": 3e-3, "chat_every": 0, "chat_batch_size": 16,
                  "stream": "pretrain-c"},
     "lora": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
@@ -67,7 +67,7 @@ TINY_RECIPE = {
     # other operations, so an expert leaves them as the base does them. lora_A stays at the shared
     # initialisation (LoRA-FA, train_lora_A False): every update is B_i @ A_0, so a weighted average of experts
     # in factor space is exactly the weighted average of their updates and keeps each specialist's skill at its
-    # weight. No expert is good at all three operations; merges of total weight 1 are (README).
+    # weight. No expert is good at all three operations; merges of total weight 1 are (docs/tiny.md).
     "expert": {"steps": 150, "batch_size": 32, "lr": 1e-2, "replay": 0.3, "train_lora_A": False},
     # name -> tiny_demo skill mixture (the operation each expert is a specialist in)
     "experts": {

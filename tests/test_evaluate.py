@@ -778,12 +778,13 @@ def test_every_objective_on_test_split(tiny, experts, monkeypatch, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# a user-added objective, added exactly as README.md's "Adding your data, models, evaluation" says
+# a user-added objective, added exactly as docs/extending.md's "Data, models and evaluation types" says
 
 
 def _readme_recipe():
-    """(row, branch) of the README's evaluation recipe: its two python blocks, as a user would copy them."""
-    readme = (REPO / "README.md").read_text()
+    """(row, branch) of the evaluation recipe in docs/extending.md: its two python blocks, as a user would copy
+    them."""
+    readme = (REPO / "docs" / "extending.md").read_text()
     section = readme[readme.index("- **Evaluation**: one row and one branch"):]
     blocks = []
     for block in section.split("```python\n")[1:3]:

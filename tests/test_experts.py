@@ -239,7 +239,7 @@ def _exact_match(model, tok, items):
 
 
 def test_default_experts_are_specialists_and_their_average_beats_each(tiny_population):
-    """What the README says of the shipped population: each expert has learnt the intended convention of its own
+    """What docs/tiny.md says of the shipped population: each expert has learnt the intended convention of its own
     operation (its name's prefix) and not the others, and a merge of total weight 1 (the uniform average, in LoRA
     factor space as --merge_method weighted_average) beats every single expert by a clear margin."""
     from merge import merge_state_dicts

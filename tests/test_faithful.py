@@ -1,6 +1,6 @@
-"""What users compare with the published toolkit (issue 15): results files and their names, defaults, upstream data
-files as they are, the README's commands, and the defects found side by side. Real searches on the tiny population
-(three experts, small data slices), real subprocesses."""
+"""What users compare with the published toolkit (issue 15): results files and their names, defaults, the README's
+commands, and the defects found side by side (the published data files and result files: test_published.py). Real
+searches on the tiny population (three experts, small data slices), real subprocesses."""
 import ast
 import json
 import os
@@ -14,7 +14,6 @@ import pytest
 
 from conftest import REPO, only_dir
 
-UPSTREAM = REPO.parent / "shared" / "upstream-data" / "eval"  # ../shared next to the checkout
 ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 GPU_SCRIPTS = ["search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"]
 
@@ -180,89 +179,33 @@ def test_starter_scripts_use_the_published_iterations_and_project(script):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# upstream data files, as they are
-
-def _shortest(items, n, text):
-    return sorted(items, key=lambda item: len(text(item)))[:n]
-
-
-def _trim(name, n=4):
-    """The n shortest dev and test items of an upstream file (the tiny model has 2,048 character positions)."""
-    data = json.loads((UPSTREAM / f"{name}.json").read_text())
-
-    def text(item):
-        return item.get("question", item.get("prompt", "")) + "".join(map(str, item.get("choices", {}).values()))
-    return {**data, "dev": _shortest(data["dev"], n, text), "test": _shortest(data["test"], n, text)}
-
-
-# one file of each format: (files, -e, -d, extra flags)
-UPSTREAM_FORMATS = {
-    "multiple_choice": (["mmlu"], "multiple_choice", "mmlu", []),
-    "multiple_choice_icl_prompt": (["knowledge_crosswords"], "multiple_choice", "knowledge_crosswords", []),
-    "abstain": (["truthfulqa"], "AbstainQA", "truthfulqa", []),
-    "exact_match": (["gsm8k"], "exact_match", "gsm8k", []),
-    "exact_match_without_dataset_key": (["mgsm_hindi"], "exact_match", "mgsm_hindi", []),
-    "multitask": (["hearsay", "citation_prediction_classification"], "multitask", "legal", []),
-    "prompts_reward_model": (["rm"], "rm_concise", "rm", ["--reward_model", "initial_experts/tiny/reward_model"]),
-}
-
-
-@pytest.mark.skipif(not UPSTREAM.is_dir(), reason=f"no upstream reference files in {UPSTREAM}")
-@pytest.mark.parametrize("fmt", sorted(UPSTREAM_FORMATS))
-def test_upstream_files_run_a_one_iteration_search_as_they_are(fmt, three_experts, tiny, tmp_path):
-    files, eval_type, dataset, extra = UPSTREAM_FORMATS[fmt]
-    data_dir = tmp_path / "eval"
-    data_dir.mkdir()
-    for name in files:
-        (data_dir / f"{name}.json").write_text(json.dumps(_trim(name), ensure_ascii=False))
-    search(tmp_path / "out", "-e", eval_type, "-d", dataset, "-i", three_experts, "--data_dir", data_dir, "-m", 1,
-           *extra)
-    directory = only_dir(tmp_path / "out")
-    metrics = json.loads((directory / "final_metrics.json").read_text())
-    assert metrics["iterations"] == 1
-    published_log_dicts((directory / "log.txt").read_text())
-
-
-def test_upstream_formats_cover_every_item_format_present():
-    """Every item format of the reference files is exercised above, except those that need a paid service
-    (Perspective for realtoxicityprompts, Vertex AI for human_*: prompt items like rm's)."""
-    if not UPSTREAM.is_dir():
-        pytest.skip(f"no upstream reference files in {UPSTREAM}")
-    shapes = set()
-    for path in UPSTREAM.glob("*.json"):
-        data = json.loads(path.read_text())
-        item = data["dev"][0]
-        shapes.add(("choices" in item, "question" in item, "prompt" in item, "icl_prompt" in data,
-                    "dataset" in data))
-    covered = set()
-    for files, *_ in UPSTREAM_FORMATS.values():
-        for name in files:
-            data = json.loads((UPSTREAM / f"{name}.json").read_text())
-            item = data["dev"][0]
-            covered.add(("choices" in item, "question" in item, "prompt" in item, "icl_prompt" in data,
-                         "dataset" in data))
-    assert shapes == covered
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # the README's commands
 
-def readme_commands():
-    """Every command the README shows: lines of its code blocks and `inline` commands, comments removed."""
-    text = (REPO / "README.md").read_text()
+DOC_PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
+ENV_PREFIX = re.compile(r"^(?:[A-Z_]+=\S* )+")  # GPUS=0,1 bash ..., RAY_AUTH_MODE=token python ...
+
+
+def readme_commands(pages=DOC_PAGES):
+    """Every command the README and the docs pages show: lines of their code blocks (continuation lines joined) and
+    `inline` commands, comments removed, environment assignments in front dropped."""
     commands = []
-    for block in re.findall(r"```\n(.*?)```", text, re.S) + re.findall(r"\n((?:    \S.*\n)+)", text):
-        commands += [line.split("  #")[0].strip() for line in block.splitlines()]
-    commands += re.findall(r"`((?:python|bash|hf|make|DRY_RUN=1 bash) [^`]+)`", text)
-    return [c for c in commands if re.match(r"(RAY_AUTH_MODE=token )?(python|bash|hf|make|ray|conda|DRY_RUN)", c)]
+    for page in pages:
+        text = (REPO / page).read_text()
+        for block in re.findall(r"```\n(.*?)```", text, re.S) + re.findall(r"\n((?:    \S.*\n)+)", text):
+            block = re.sub(r"\\\n\s*", "", block)
+            commands += [line.split("  #")[0].strip() for line in block.splitlines()]
+        commands += re.findall(r"`((?:[A-Z_]+=\S* )*(?:python|bash|hf|make) [^`]+)`", text)
+    commands = [ENV_PREFIX.sub("", c) for c in commands]
+    return [c for c in commands if re.match(r"(python|bash|hf|make|ray|conda)\b", c)]
 
 
 def test_every_readme_command_names_something_that_exists():
     venv_bin = Path(sys.executable).parent
     commands = readme_commands()
     assert any(c.startswith("hf auth login") for c in commands)
+    assert any("benchmarks/performance_report.py" in c for c in commands)
     for command in commands:
-        words = command.replace("RAY_AUTH_MODE=token ", "").replace("DRY_RUN=1 ", "").split()
+        words = command.split()
         if words[0] == "python":
             script = words[2] if words[1] == "-m" else words[1]
             assert words[1] == "-m" or (REPO / script).is_file(), command
@@ -277,6 +220,21 @@ def test_every_readme_command_names_something_that_exists():
             assert re.search(rf"^{words[1]}:", (REPO / "Makefile").read_text(), re.M), command
         elif words[0] == "conda":
             assert (REPO / "bwr.yml").is_file()
+
+
+def test_every_python_command_of_the_docs_parses_its_arguments():
+    """Each `python <script> ARGS` the README and docs show, run with -h appended: the script imports in this
+    environment and every argument before -h has a valid flag, type and choice (argparse checks them in order)."""
+    seen = set()
+    for command in readme_commands():
+        words = command.split()
+        if words[0] != "python" or words[1] in ("-m", "-c") or command in seen:
+            continue
+        seen.add(command)
+        args = [a.strip("'\"") for a in words[2:] if a not in ("...",)]
+        proc = subprocess.run([sys.executable, words[1], *args, "-h"], cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, **ENV}, timeout=120)
+        assert proc.returncode == 0 and "usage" in proc.stdout, (command, proc.stderr[-1000:])
 
 
 def test_readme_commands_that_run_offline(tiny, tmp_path):
@@ -294,3 +252,8 @@ def test_readme_commands_that_run_offline(tiny, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     for command in ("initial_experts/expert_init.py", "data/prepare_data.py", "search.py"):
         subprocess.run([sys.executable, command, "-h"], cwd=REPO, env=env, check=True, capture_output=True)
+    # the README's quick search, verbatim (its output folder aside)
+    quick = next(c for c in readme_commands(["README.md"]) if c.startswith("python search.py -n quick"))
+    subprocess.run([sys.executable, *quick.split()[1:], "--output_root", str(tmp_path / "runs")], cwd=REPO, env=env,
+                   check=True, capture_output=True, timeout=600)
+    assert (only_dir(tmp_path / "runs") / "global_best").is_dir()

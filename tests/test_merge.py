@@ -192,7 +192,7 @@ def test_register_a_method_and_use_it_end_to_end(tiny, tiny_population, data, tm
     argv = ["-n", "t", "-e", "exact_match", "-d", "tiny_demo_quick", "-g", "cpu", "-i", str(tiny_population / "experts"),
             "-b", str(tiny_population / "base_model"), "--output_root", str(tmp_path), "--merge_method",
             "shrunk_average", "--merge_params", '{"shrink": 0.25}']
-    _, setup, _, _, pool = search.prepare(argv, start_workers=False)
+    _, setup, _, _, pool, _ = search.prepare(argv, start_workers=False)
     assert pool is None
     assert setup.merge_params == {"shrink": 0.25}
     with pytest.raises(search.UsageError, match=r"'shrink' for shrunk_average must be a number in \[0, 1\], got -1"):

@@ -53,7 +53,7 @@ def test_ray_backend_matches_local_backend(local_outputs, tmp_path):
     assert "using a new local Ray instance: 1 node(s), 2 CPU" in log
     assert log.count("Ray worker ") == 2
     # every adapter was written by the driver: no worker-side temp folders, no half-written candidates
-    assert not [name for name in os.listdir(directory) if name.startswith(".")]
+    assert [name for name in os.listdir(directory) if name.startswith(".")] == [".lock"]
 
 
 def _actor_processes(root_pid):
@@ -145,3 +145,18 @@ def test_ray_backend_matches_local_backend_for_pso(flags, tiny, data, tmp_path):
     run_search(tmp_path / "local", *args)
     run_search(tmp_path / "ray", *args, *RAY, env=RAY_ENV)
     assert outputs(only_dir(tmp_path / "ray")) == outputs(only_dir(tmp_path / "local"))
+
+
+def test_ray_driver_killed_then_resumed_ends_like_local(local_outputs, tmp_path):
+    """SIGKILL of the driver mid-commit: its directory lock goes with it, and --resume (on Ray again: --backend is
+    recorded) proceeds at once and ends with the local backend's bytes."""
+    proc = run_search(tmp_path, *SEARCH, *RAY, env={**RAY_ENV, "BWR_CRASH_AT": "before_commit:3"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    directory = only_dir(tmp_path)
+    resumed = subprocess.run([sys.executable, "search.py", "--resume", str(directory)], cwd=REPO, capture_output=True,
+                             text=True, env={**os.environ, "WANDB_MODE": "disabled", **RAY_ENV}, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert outputs(directory) == local_outputs
+    log = log_of(directory)
+    assert "took over" in log and "killed or crashed" in log
+    assert log.count("using a new local Ray instance") == 2

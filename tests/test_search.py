@@ -120,7 +120,7 @@ def test_existing_name_is_never_overwritten(two_iterations, tiny, data):
 
 def test_search_checks_its_arguments_without_torch():
     """search.py reads the merge methods and optimizers to check its arguments, and starts the workers, before it
-    imports torch (2 s): merge.py and bwr.py import it where they use it (README, Start-up)."""
+    imports torch (2 s): merge.py and bwr.py import it where they use it (DESIGN.md, Performance)."""
     code = "import sys, search; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -134,8 +134,9 @@ def test_help_lists_every_flag():
                  "--initial_experts_num", "--starting_test_set_eval", "--fast_merge", "--project_name_wb",
                  "--clean_up_on_end", "--only_one_or_two", "--to_visualize", "--correctness_emergence", "--dropK",
                  "--dropN", "--merge_method", "--merge_params", "--num_cpu_when_merging", "--seed", "--reset_mode",
-                 "--rule", "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model", "--trust_remote_code",
-                 "--judge_model", "--wandb_mode", "--resume", "--backend", "--ray_address"):
+                 "--rule", "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model",
+                 "--trust_remote_code", "--judge_model", "--wandb_mode", "--resume", "--lock_wait", "--backend",
+                 "--ray_address"):
         assert flag in out.stdout, flag
     from data.schema import EVAL_TYPES
     text = " ".join(out.stdout.split())  # argparse re-wraps help text
@@ -158,6 +159,37 @@ def test_starter_scripts_pass_their_arguments(script, expect):
     for piece in expect:
         assert piece in out, (piece, out)
     assert out.rstrip().endswith("-m 20 -p 5")
+
+
+def test_starter_scripts_run_the_venv_interpreter_in_a_fresh_shell(tiny, data, tmp_path):
+    """A fresh shell after `make demo` has no PYTHON and no activated .venv: the scripts pick .venv/bin/python
+    (an explicit PYTHON= still wins), and the demo script runs for real that way."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"  # no interpreter with the requirements on PATH
+    for script in ("search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"):
+        out = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                             env={**env, "DRY_RUN": "1"}, check=True).stdout
+        assert out.startswith(".venv/bin/python search.py "), out
+        out = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
+                             env={**env, "DRY_RUN": "1", "PYTHON": "python3.11"}, check=True).stdout
+        assert out.startswith("python3.11 search.py "), out
+    venv = REPO / ".venv" / "bin" / "python"
+    if not venv.exists():
+        pytest.skip("no .venv (make demo builds it)")
+    proc = subprocess.run(["bash", "search_demo.sh", "-d", "tiny_demo_quick", "-m", "1", "--output_root",
+                           str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "WANDB_MODE": "disabled"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (only_dir(tmp_path) / "global_best" / "adapter_model.safetensors").is_file()
+
+
+def test_search_without_its_requirements_says_how_to_get_them():
+    """python -S: an interpreter without site-packages (a shell's python, not .venv's)."""
+    proc = subprocess.run([sys.executable, "-S", "search.py", "-h"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "has no '" in lines[0] and ".venv/bin/python search.py" in lines[0] and "requirements.txt" in lines[0]
 
 
 def test_gpu_script_without_gpu_stops_at_once_pointing_to_cpu():

@@ -21,3 +21,10 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in open(REPO / ".ci/run").read()
     readme = open(REPO / "README.md").read()
     assert "make demo" in readme and "make test" in readme
+
+
+def test_readme_reads_in_one_sitting():
+    """The README is the front door (at most 300 lines); details live in docs/, each page short enough to read."""
+    assert len((REPO / "README.md").read_text().splitlines()) <= 300
+    for page in (REPO / "docs").glob("*.md"):
+        assert len(page.read_text().splitlines()) <= 250, page.name
