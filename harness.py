@@ -95,7 +95,9 @@ def load_tasks(names, include_path):
         try:
             loaded = manager.load([name])["tasks"]
         except Exception as e:  # noqa: BLE001 - datasets, network and config errors alike
-            raise HarnessError(f"lm-eval task {name!r}: its data cannot be loaded ({_first_line(e)})") from None
+            hint = " (a split or field its YAML names is not in its data)" if isinstance(e, KeyError) else ""
+            raise HarnessError(f"lm-eval task {name!r} cannot be loaded: {type(e).__name__}: {_first_line(e)}"
+                               f"{hint}") from None
         for leaf, task in loaded.items():
             if leaf in tasks:
                 raise HarnessError(f"--lm_eval_tasks names lm-eval task {leaf!r} twice (directly or in a group)")
