@@ -1399,7 +1399,8 @@ def ensembles(details, dev_utilities, eval_type):
         members = [details[i] for i in order[:k]]
         golds = members[0].get("golds")
         preds = [m.get("preds") for m in members]
-        if golds and all(p is not None and len(p) == len(golds) for p in preds) and \
+        # a None gold: this evaluation has none to vote towards (lm_eval tasks whose metric is not per-item accuracy)
+        if golds and None not in golds and all(p is not None and len(p) == len(golds) for p in preds) and \
                 EVAL_TYPES[eval_type].vote:
             correct = 0
             for item, gold in enumerate(golds):
