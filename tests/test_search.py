@@ -149,6 +149,7 @@ def test_help_lists_every_flag():
     ("search_concise.sh", ["-e rm_concise", "-d rm", "--trust_remote_code 1"]),
     ("search_phd_application.sh", ["-e human", "-d human_phd_application"]),
     ("search_demo.sh", ["-g cpu", "-d tiny_demo"]),
+    ("search_lm_eval.sh", ["-e lm_eval", "--lm_eval_tasks arc_challenge,hellaswag", "-b google/gemma-7b-it"]),
 ])
 def test_starter_scripts_pass_their_arguments(script, expect):
     out = subprocess.run(["bash", script, "-m", "20", "-p", "5"], cwd=REPO, capture_output=True, text=True,
