@@ -135,7 +135,8 @@ def test_help_lists_every_flag():
                  "--clean_up_on_end", "--only_one_or_two", "--to_visualize", "--correctness_emergence", "--dropK",
                  "--dropN", "--merge_method", "--merge_params", "--num_cpu_when_merging", "--seed", "--reset_mode",
                  "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model", "--trust_remote_code",
-                 "--judge_model", "--wandb_mode", "--resume", "--backend", "--ray_address"):
+                 "--judge_model", "--wandb_mode", "--resume", "--backend", "--ray_address", "--lm_eval_tasks",
+                 "--lm_eval_include_path", "--lm_eval_dev_limit"):
         assert flag in out.stdout, flag
     from data.schema import EVAL_TYPES
     text = " ".join(out.stdout.split())  # argparse re-wraps help text
