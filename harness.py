@@ -82,8 +82,13 @@ def load_tasks(names, include_path):
     """{leaf task name: Task} of the named tasks and groups, each with its data loaded. HarnessError names the task
     whose name is unknown or whose data cannot be had."""
     import difflib
+    import threading
     import datasets
+    import tqdm
     datasets.disable_progress_bars()
+    # datasets' file resolution takes tqdm's lock, by default a multiprocessing one: its semaphore outlives the
+    # processes' os._exit and multiprocessing warns of a leak at the end of the search. A thread lock does here.
+    tqdm.tqdm.set_lock(threading.RLock())
     manager = task_manager(names, include_path)
     tasks = {}
     for name in names:
