@@ -113,10 +113,14 @@ def load_tasks(names, include_path):
 
 
 def _split_size(task, name):
+    """How many documents lm-eval evaluates when `name` is the task's test split (after its process_docs), or None
+    when its data has no such split."""
     try:
-        return len(task.dataset[name])
+        docs = task.dataset[name]
     except (KeyError, TypeError):
         return None
+    process = task.config.process_docs
+    return len(process(docs) if process is not None else docs)
 
 
 def _seeded_subset(indices, count):
@@ -127,6 +131,10 @@ def _seeded_subset(indices, count):
 
 def plan_task(name, task, dev_limit=None):
     """Plan of one task: which documents are dev and test, and its primary metric."""
+    from lm_eval.api.task import ConfigurableTask
+    if type(task) is not ConfigurableTask:  # run_tasks picks the split through a YAML task's config
+        raise HarnessError(f"lm-eval task {name!r} is a Python class ({type(task).__name__}) that picks its own "
+                           f"splits; -e lm_eval takes tasks defined by YAML alone")
     config = task.config
     declared = [s for s in (config.validation_split, config.test_split) if s is not None]
     sizes = {s: _split_size(task, s) for s in declared}

@@ -209,7 +209,8 @@ BAD_CASES = {
                                           "training_split: validation")),
         "'tiny_ll' cannot be loaded: ValueError: Task dataset (path=json, name=None) must have valid or test docs"),
     "lm-eval task data file missing": (
-        lm_eval_case("tiny_ll", lambda f: (f / "test.jsonl").unlink()), "'tiny_ll' cannot be loaded: FileNotFoundError"),
+        lm_eval_case("tiny_ll", lambda f: (f / "test.jsonl").unlink()),
+        "'tiny_ll' cannot be loaded: FileNotFoundError"),
     "lm-eval dev limit 0": (lm_eval_case("tiny_ll", None, "--lm_eval_dev_limit", "0"), "--lm_eval_dev_limit 0"),
 }
 
