@@ -160,3 +160,35 @@ def test_one_split_is_cut_in_two_and_a_lower_is_better_metric_turned_around(tiny
     assert utility == (parts["tiny_ll"]["utility"] + parts["tiny_ppl"]["utility"]) / 2
     # a perplexity has no per-item score that averages to it: no paired statistics, no vote
     assert details["scores"] == [] and details["golds"] == [None] * 10
+
+
+LOGLIKELIHOOD = """output_type: loglikelihood
+doc_to_text: "{{question}}"
+doc_to_target: " {{answer}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_loglikelihood_task_on_the_resident_model_equals_simple_evaluate(tiny, data, tmp_path):
+    """A plain log-likelihood task (acc: the answer is the greedy continuation), scored in this process on the
+    resident host after another adapter was swapped in, equals simple_evaluate on a fresh peft load."""
+    import evaluate
+    folder = write_tasks(tmp_path / "tasks")
+    for name in ("tiny_next", "tiny_next_dev"):
+        text = (folder / "tiny_gen_dev.yaml" if name.endswith("dev") else folder / "tiny_gen.yaml").read_text()
+        head = text.split("output_type")[0].replace("task: tiny_gen", f"task: {name.removesuffix('_dev')}")
+        (folder / f"{name}.yaml").write_text(head + LOGLIKELIHOOD)
+    expert = str(tiny.experts / "snd_b")
+    try:
+        evaluate.configure(lm_eval_include_path=str(folder), batch_size=8)
+        evaluate.evaluate_split(str(tiny.experts / "fst_a"), "lm_eval", "tiny_next", "cpu", str(tiny.base), "dev")
+        results = {split: evaluate.evaluate_split(expert, "lm_eval", "tiny_next", "cpu", str(tiny.base), split)
+                   for split in ("dev", "test")}
+    finally:
+        evaluate.configure(reset=True)
+    assert 0 < results["dev"][0] < 1 and results["dev"][0] == simple_evaluate(expert, "tiny_next_dev", folder, tiny)
+    assert results["test"][0] == simple_evaluate(expert, "tiny_next", folder, tiny)
+    details = results["test"][1]
+    assert len(details["scores"]) == SPLITS["test"][1] and sum(details["scores"]) / 30 == results["test"][0]
+    assert details["golds"] == [None] * 30  # acc of a log-likelihood task is not a choice among options: no vote
