@@ -47,6 +47,7 @@ bench: tiny data
 	$(PY) benchmarks/bench_evaluate.py
 	$(PY) benchmarks/bench_search.py
 	$(PY) benchmarks/bench_tiny.py
+	$(PY) benchmarks/bench_lm_eval.py
 
 # generated data only: initial_experts/tiny is tracked (git checkout -- initial_experts/tiny restores it)
 clean:

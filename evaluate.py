@@ -78,6 +78,8 @@ _DEFAULT_OPTIONS = {
     "api_backoff_s": 1.0,          # first retry delay; doubles each time (with jitter)
     "api_timeout_s": 30.0,         # one request to Perspective or Vertex AI; with the retries, a dead network ends
                                    # the search with one line after (api_retries + 1) * api_timeout_s + backoff
+    "lm_eval_include_path": None,  # -e lm_eval: folder of the user's task YAMLs (harness.py)
+    "lm_eval_dev_limit": None,     # -e lm_eval: dev documents per task, a seeded draw (None: the whole split)
 }
 OPTIONS = dict(_DEFAULT_OPTIONS)
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -96,7 +98,8 @@ JUDGE_MODEL_FACTORY = None
 def configure(**options):
     """Set per-process options; options not passed keep their current value. `configure(reset=True)` restores
     every default first. Options: batch_size, mc_scoring, scoring, reward_model, trust_remote_code, judge_model, dtype,
-    data_dir, max_new_tokens, perspective_qps, judge_qps, api_retries, api_backoff_s, api_timeout_s."""
+    data_dir, max_new_tokens, perspective_qps, judge_qps, api_retries, api_backoff_s, api_timeout_s,
+    lm_eval_include_path, lm_eval_dev_limit."""
     if options.pop("reset", False):
         OPTIONS.clear()
         OPTIONS.update(_DEFAULT_OPTIONS)
@@ -118,6 +121,8 @@ def configure(**options):
         "api_retries": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
         "api_backoff_s": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
         "api_timeout_s": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+        "lm_eval_include_path": (lambda v: v is None or isinstance(v, (str, os.PathLike)), "None or a folder path"),
+        "lm_eval_dev_limit": (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
     }
     for name, value in options.items():
         ok, expect = checks[name]
@@ -1506,6 +1511,8 @@ def check_prompt_lengths(eval_type, dataset, base_model, only_one_or_two=None, t
     after it does not fit the base model's context (max_position_embeddings). Without this check such a prompt
     is not an error to the model: it generates past its trained positions, slowly and to no use (nlgraph on the
     tiny model: 2,697-token prompts against 2,048 positions ran for minutes)."""
+    if eval_type == "lm_eval":  # lm-eval builds its own prompts and left-truncates them to the model's context
+        return
     from transformers import AutoConfig, AutoTokenizer
     try:
         config = AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
@@ -1607,6 +1614,9 @@ def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None):
         return score_reward_model(model, tokenizer, _split(load_data(dataset, eval_type), split), eval_type)
     elif eval_type == "human":
         return score_human(model, tokenizer, _split(load_data(dataset, eval_type), split))
+    elif eval_type == "lm_eval":  # dataset: the --lm_eval_tasks list
+        import harness
+        return harness.score(model, tokenizer, dataset, split)
     else:
         raise EvalError(f"unknown eval_type {eval_type!r}; add a row to EVAL_TYPES in data/schema.py and an "
                         f"`elif eval_type == {eval_type!r}:` branch to score() in evaluate.py")

@@ -84,7 +84,7 @@ def build_parser():
     a("-e", "--eval_type", help="objective, one of: " + "; ".join(
         f"{name} ({row.help}; utility: {row.metric}" + (f"; needs {', '.join(row.credentials)}" if row.credentials
                                                          else "") + ")" for name, row in EVAL_TYPES.items()))
-    a("-d", "--dataset", help="dataset name in data/eval/ (a domain name for multitask)")
+    a("-d", "--dataset", help="dataset name in data/eval/ (a domain name for multitask; none for lm_eval)")
     a("-g", "--gpus", default="0", help="comma-separated GPU ids, one worker each (e.g. 0,1,2), or 'cpu'")
     a("-i", "--initial_expert_directory", default="initial_experts",
       help="folder whose sub-folders are the initial experts (LoRA adapters or full models)")
@@ -112,6 +112,11 @@ def build_parser():
       help="1: leave no global_worst/ at the end, as the published clean-up removes worst/ (candidate_i/, "
            "global_best/ and the records are kept); 0: keep global_worst/")
     a("--only_one_or_two", default=None, choices=["one", "two"], help="multitask: optimise only one of the two sets")
+    a("--lm_eval_tasks", default=None, metavar="T1,T2",
+      help="lm_eval: lm-evaluation-harness task or group names; the utility is the mean of their primary metrics")
+    a("--lm_eval_include_path", default=None, metavar="DIR", help="lm_eval: a folder of your own task YAMLs")
+    a("--lm_eval_dev_limit", type=int, default=None, metavar="N",
+      help="lm_eval: dev documents per task, drawn with a fixed seed (default: the whole validation split)")
     a("--to_visualize", type=int, default=0, choices=[0, 1],
       help="record each candidate's trajectory as a fixed random 2-D projection of its weights (trajectory.png)")
     a("--correctness_emergence", type=int, default=0, choices=[0, 1],
@@ -189,6 +194,7 @@ NUMERIC_RULES = [  # (flag, test, what is valid)
     ("num_cpu_workers", lambda v: v >= 1, "an integer >= 1"),
     ("seed", lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)"),
     ("max_evaluations", lambda v: v is None or v >= 1, "an integer >= 1"),
+    ("lm_eval_dev_limit", lambda v: v is None or v >= 1, "an integer >= 1"),
     ("inertia", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
     ("cognitive_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
     ("social_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
@@ -233,6 +239,7 @@ class Setup:
     ignored: tuple          # sub-folders of -i that hold no adapter or model
     wandb_mode: str         # the W&B mode the search will use (resolve_wandb_mode)
     wandb_note: str | None  # why it is not the requested one, when it is not
+    notes: tuple = ()       # lines for log.txt about the objective (lm_eval: how each task's splits were made)
 
 
 def validate_args(args, start_workers=None):
@@ -255,7 +262,7 @@ def validate_args(args, start_workers=None):
     if args.populate_initial_experts and args.initial_experts_num is None:
         raise UsageError("--populate_initial_experts 1 needs --initial_experts_num N, the population size to fill up "
                          "to (the published scripts use 20)")
-    for flag in ("name", "eval_type", "dataset"):
+    for flag in ("name", "eval_type") + (() if args.eval_type == "lm_eval" else ("dataset",)):
         if not getattr(args, flag):
             raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
     if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
@@ -267,8 +274,10 @@ def validate_args(args, start_workers=None):
     from data.schema import DataError, load_eval_data
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
+    check_lm_eval_flags(args)
     try:
-        load_eval_data(args.dataset, args.eval_type, data_dir=args.data_dir)
+        if args.eval_type != "lm_eval":
+            load_eval_data(args.dataset, args.eval_type, data_dir=args.data_dir)
     except DataError as e:
         raise UsageError(str(e)) from None
     try:
@@ -302,12 +311,35 @@ def validate_args(args, start_workers=None):
                                       bool(args.trust_remote_code))
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
+    notes = check_lm_eval_tasks(args) if args.eval_type == "lm_eval" else ()
     wandb_mode, wandb_note = resolve_wandb_mode(args.wandb_mode)
     size = population_size(args, len(experts))
     if args.max_evaluations is not None and args.max_evaluations < size:
         raise UsageError(f"--max_evaluations {args.max_evaluations} is smaller than the initial population's {size} "
                          f"evaluations: give at least {size}")
-    return Setup(tuple(devices), merge_params, tuple(experts), tuple(ignored), wandb_mode, wandb_note)
+    return Setup(tuple(devices), merge_params, tuple(experts), tuple(ignored), wandb_mode, wandb_note, tuple(notes))
+
+
+def check_lm_eval_flags(args):
+    """-e lm_eval takes its tasks from --lm_eval_tasks, not -d; the --lm_eval_* flags mean nothing to other types."""
+    if args.eval_type == "lm_eval":
+        if args.dataset:
+            raise UsageError(f"-d {args.dataset} has no use with -e lm_eval: name lm-eval tasks with --lm_eval_tasks")
+        if not args.lm_eval_tasks:
+            raise UsageError("-e lm_eval needs --lm_eval_tasks T1,T2 (lm-eval task or group names)")
+        return
+    for flag in ("lm_eval_tasks", "lm_eval_include_path", "lm_eval_dev_limit"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} is an -e lm_eval option; -e {args.eval_type} does not use it")
+
+
+def check_lm_eval_tasks(args):
+    """Loads every task and its data now (before any directory exists); returns the lines log.txt gets about it."""
+    import harness
+    try:
+        return harness.check(args.lm_eval_tasks, args.lm_eval_include_path, args.lm_eval_dev_limit)
+    except harness.HarnessError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_optimizer_args(args):
@@ -697,7 +729,9 @@ def worker_config(a, devices, merge_params):
     eval_options = {"batch_size": a.batch_size, "mc_scoring": a.mc_scoring, "scoring": a.scoring,
                     "reward_model": a.reward_model,
                     "trust_remote_code": bool(a.trust_remote_code), "judge_model": a.judge_model,
-                    "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir)}
+                    "dtype": a.dtype, "data_dir": os.path.abspath(a.data_dir),
+                    "lm_eval_include_path": a.lm_eval_include_path and os.path.abspath(a.lm_eval_include_path),
+                    "lm_eval_dev_limit": a.lm_eval_dev_limit}
     threads = a.num_cpu_when_merging
     if devices and devices[0] == "cpu":
         # an explicit OMP_NUM_THREADS wins: on a machine shared with other jobs, more torch threads than free
@@ -707,7 +741,8 @@ def worker_config(a, devices, merge_params):
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = int(omp) if omp.isdigit() and int(omp) > 0 else max(threads, cpus // len(devices))
     return {"base_model": os.path.abspath(a.base_model) if os.path.isdir(a.base_model) else a.base_model,
-            "eval_type": a.eval_type, "dataset": a.dataset, "only_one_or_two": a.only_one_or_two,
+            "eval_type": a.eval_type, "dataset": a.lm_eval_tasks if a.eval_type == "lm_eval" else a.dataset,
+            "only_one_or_two": a.only_one_or_two,
             "fast_merge": a.fast_merge, "merge_method": a.merge_method, "merge_params": merge_params,
             "evaluate_options": eval_options, "torch_threads": threads, "to_visualize": a.to_visualize}
 
@@ -1180,6 +1215,8 @@ class Search:
             return self.state["final_metrics"]
         self.start_pool()
         self.start_wandb()
+        for note in self.setup.notes:
+            self.log(note)
         if self.state is None:
             self.initialise()
         else:
@@ -1424,7 +1461,7 @@ def published_metrics(state, eval_type, test_details, dev_details, best_dev, bes
     }
     for split, result in (("test", best_test), ("dev", best_dev)):
         for name, part in ((result.get("details") or {}).get("parts") or {}).items():
-            test[f"ending_best_single_{split}_{name}"] = part["accuracy"]
+            test[f"ending_best_single_{split}_{name}"] = part["accuracy"] if "accuracy" in part else part["utility"]
     dev = {
         "starting_top-k_ensemble_dev_accuracy": population_ensemble(starting.get("dev"), eval_type),
         "ending_top-k_ensemble_dev_accuracy": population_ensemble(compact_details(dev_details), eval_type),
@@ -1481,7 +1518,8 @@ def ensembles(details, dev_utilities, eval_type):
         members = [details[i] for i in order[:k]]
         golds = members[0].get("golds")
         preds = [m.get("preds") for m in members]
-        if golds and all(p is not None and len(p) == len(golds) for p in preds) and \
+        # a None gold: this evaluation has none to vote towards (lm_eval tasks whose metric is not per-item accuracy)
+        if golds and None not in golds and all(p is not None and len(p) == len(golds) for p in preds) and \
                 EVAL_TYPES[eval_type].vote:
             correct = 0
             for item, gold in enumerate(golds):

@@ -293,6 +293,7 @@ def _worker_main(device, config, conn):
     warnings.simplefilter("ignore")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's bars, twice per candidate (read when tqdm is imported)
     try:
         runner = TaskRunner(device, config)
     except BaseException as e:  # noqa: BLE001 - reported to the driver, which stops the search with it

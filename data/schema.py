@@ -15,7 +15,8 @@ Three item kinds; extra keys (id, domain, ...) are kept and ignored:
     exact match       {"question": str, "answer": str}     (no "choices")
     prompt only       {"prompt": str}                      (reward-model, judge and toxicity objectives)
 
-Which kind each objective (eval type) needs is the `items` column of EVAL_TYPES below; multitask has none:
+Which kind each objective (eval type) needs is the `items` column of EVAL_TYPES below (lm_eval reads no file here);
+multitask has none:
 NAME is a domain of MULTITASK_DOMAINS, and each of its two datasets is multiple choice or exact match (whichever
 its items are), scored as such by the evaluator.
 
@@ -73,6 +74,10 @@ EVAL_TYPES = {
     "rm_concise": EvalType(PROMPT, "mean of sigmoid(reward) and brevity", "reward model, shorter replies preferred"),
     "human": EvalType(PROMPT, "judge rating 1..10", "chat replies rated by a Gemini judge on Vertex AI",
                       credentials=("GOOGLE_CLOUD_PROJECT",)),
+    # no data/eval file: lm-eval loads the tasks named by --lm_eval_tasks (harness.py); golds are given, and the
+    # top-k ensembles vote, only where the tasks' metric is per-item accuracy
+    "lm_eval": EvalType(None, "mean of the tasks' primary metrics (lower-is-better ones negated)",
+                        "lm-evaluation-harness tasks, --lm_eval_tasks T1,T2 (no -d)", vote=True),
 }
 ITEM_KIND = {name: row.items for name, row in EVAL_TYPES.items() if row.items is not None}
 KIND_KEYS = {MC: ("question", "choices", "answer"), EM: ("question", "answer"), PROMPT: ("prompt",)}
@@ -101,6 +106,8 @@ def load_eval_data(name, eval_type, data_dir=DEFAULT_DATA_DIR):
     """
     if eval_type not in EVAL_TYPES:
         raise DataError(f"unknown eval type {eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
+    if eval_type == "lm_eval":
+        raise DataError("-e lm_eval reads no data/eval file: name lm-eval tasks with --lm_eval_tasks")
     check_name(name)
     folder = resolve_data_dir(data_dir)
     if eval_type != "multitask":

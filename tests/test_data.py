@@ -55,7 +55,7 @@ PROMPT_ITEM = {"prompt": "say hi"}
 # ---------------------------------------------------------------- schema
 
 def test_constants():
-    assert len(EVAL_TYPES) == 9
+    assert len(EVAL_TYPES) == 10
     assert MULTITASK_DOMAINS["legal"] == ("hearsay", "citation_prediction_classification")
     assert MULTITASK_DOMAINS["medical"] == ("medqa", "medmcqa")
     assert MULTITASK_DOMAINS["science"] == ("scifact", "stem")

@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO, only_dir
 
 ENV = {"WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-GPU_SCRIPTS = ["search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"]
+GPU_SCRIPTS = ["search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh",
+               "search_lm_eval.sh"]
 
 
 def search(root, *args, check=True, timeout=900):

@@ -245,6 +245,11 @@ CASES = {
                          {}),
     "lone surrogate in a dataset": (lambda r, t, f: BASE + ["-i", str(t.experts)]
                                     + dataset_with(r, '"what is \\ud800 2?"'), "lone surrogate", 2, {}),
+    # 9. an lm-eval task whose data cannot be had (a Hub dataset, offline): refused while the workers start
+    "lm-eval Hub task offline": (lambda r, t, f: ["-n", "bad", "-e", "lm_eval", "--lm_eval_tasks", "arc_easy", "-g",
+                                                  "cpu", "-i", str(t.experts), "-b", str(t.base)],
+                                 "lm-eval task 'arc_easy' cannot be loaded", 2,
+                                 {"env": {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}}),
 }
 
 

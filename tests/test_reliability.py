@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO
+from test_harness import write_tasks
 from test_search import only_dir, run_search
 
 SEARCH_ARGS = ["-m", "2", "-p", "5"]
@@ -196,6 +197,24 @@ def bin_adapter(folder, names):
     (folder / names[0] / "adapter_model.safetensors").rename(folder / names[0] / "adapter_model.bin")
 
 
+def lm_eval_case(tasks, damage=None, *extra):
+    """-e lm_eval arguments over the local tiny tasks, with damage(folder) applied to their folder."""
+    def make(t, tiny):
+        folder = write_tasks(t / "tasks")
+        if damage:
+            damage(folder)
+        return ["-n", "bad", "-e", "lm_eval", "--lm_eval_tasks", tasks, "--lm_eval_include_path", str(folder), "-g",
+                "cpu", "-i", "initial_experts/tiny/experts", "-b", "initial_experts/tiny/base_model", *extra]
+    return make
+
+
+def edit_task(name, old, new):
+    def damage(folder):
+        path = folder / f"{name}.yaml"
+        path.write_text(path.read_text().replace(old, new))
+    return damage
+
+
 BAD_CASES = {
     "unknown eval type": (lambda t, tiny: replace(BASE, "-e", "sentiment"), "unknown eval type"),
     "eval type does not fit": (lambda t, tiny: replace(replace(BASE, "-e", "multiple_choice"), "-d", "tiny_rm"),
@@ -228,6 +247,20 @@ BAD_CASES = {
                                 "PERSPECTIVE_API_KEY"),
     "missing vertex project": (lambda t, tiny: replace(replace(BASE, "-e", "human"), "-d", "tiny_human"),
                                "GOOGLE_CLOUD_PROJECT"),
+    "lm_eval with -d": (lambda t, tiny: replace(BASE, "-e", "lm_eval"), "-d tiny_demo_quick has no use"),
+    "lm_eval flag on another type": (lambda t, tiny: BASE + ["--lm_eval_tasks", "arc_easy"], "-e lm_eval option"),
+    "unknown lm-eval task": (lm_eval_case("tiny_ll,no_such_task"), "unknown lm-eval task 'no_such_task'"),
+    "lm-eval task YAML that does not parse": (
+        lm_eval_case("tiny_ll", lambda f: (f / "broken.yaml").write_text("task: broken\ndataset_path: json\n  x: [")),
+        "broken.yaml does not parse"),
+    "lm-eval task without a usable split": (
+        lm_eval_case("tiny_ll", edit_task("tiny_ll", "validation_split: validation\ntest_split: test",
+                                          "training_split: validation")),
+        "'tiny_ll' cannot be loaded: ValueError: Task dataset (path=json, name=None) must have valid or test docs"),
+    "lm-eval task data file missing": (
+        lm_eval_case("tiny_ll", lambda f: (f / "test.jsonl").unlink()),
+        "'tiny_ll' cannot be loaded: FileNotFoundError"),
+    "lm-eval dev limit 0": (lm_eval_case("tiny_ll", None, "--lm_eval_dev_limit", "0"), "--lm_eval_dev_limit 0"),
 }
 
 

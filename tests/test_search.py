@@ -136,7 +136,7 @@ def test_help_lists_every_flag():
                  "--dropN", "--merge_method", "--merge_params", "--num_cpu_when_merging", "--seed", "--reset_mode",
                  "--rule", "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model",
                  "--trust_remote_code", "--judge_model", "--wandb_mode", "--resume", "--lock_wait", "--backend",
-                 "--ray_address"):
+                 "--ray_address", "--lm_eval_tasks", "--lm_eval_include_path", "--lm_eval_dev_limit"):
         assert flag in out.stdout, flag
     from data.schema import EVAL_TYPES
     text = " ".join(out.stdout.split())  # argparse re-wraps help text
@@ -151,6 +151,7 @@ def test_help_lists_every_flag():
     ("search_concise.sh", ["-e rm_concise", "-d rm", "--trust_remote_code 1"]),
     ("search_phd_application.sh", ["-e human", "-d human_phd_application"]),
     ("search_demo.sh", ["-g cpu", "-d tiny_demo"]),
+    ("search_lm_eval.sh", ["-e lm_eval", "--lm_eval_tasks arc_challenge,hellaswag", "-b google/gemma-7b-it"]),
 ])
 def test_starter_scripts_pass_their_arguments(script, expect):
     out = subprocess.run(["bash", script, "-m", "20", "-p", "5"], cwd=REPO, capture_output=True, text=True,
@@ -166,7 +167,8 @@ def test_starter_scripts_run_the_venv_interpreter_in_a_fresh_shell(tiny, data, t
     (an explicit PYTHON= still wins), and the demo script runs for real that way."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VIRTUAL_ENV")}
     env["PATH"] = "/usr/bin:/bin"  # no interpreter with the requirements on PATH
-    for script in ("search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh"):
+    for script in ("search_nlgraph.sh", "search_legal.sh", "search_concise.sh", "search_phd_application.sh",
+                   "search_lm_eval.sh"):
         out = subprocess.run(["bash", script], cwd=REPO, capture_output=True, text=True,
                              env={**env, "DRY_RUN": "1"}, check=True).stdout
         assert out.startswith(".venv/bin/python search.py "), out
