@@ -32,6 +32,9 @@ given numpy Generator, always all of them whatever the branch taken:
                       (uniform over the other members, never the candidate itself)
   4. seed           = rng.integers(0, 2**63 - 1)         (bounds reset draw, DARE drop masks)
 
+The published code's rule (``published_update``, --rule published_code) is a second update kind,
+"published", described there.
+
 This module is pure: no I/O, all randomness from the numpy Generator passed in (and torch
 Generators seeded from it).
 """
@@ -159,16 +162,108 @@ def _bounds_draw(states, seed, names=None):
     return out
 
 
-def apply_update(update, states, method="weighted_average", params=None, names=None):
-    """Build the state dict an update from ``bwr_update`` describes.
+# ----------------------------------------------------------------------------------------------------------------
+# The published code's rule (RKS-2804/test-fin, search.py candidate_update), --rule published_code
 
-    states are the population members in order (coefficient j applies to states[j]; a
-    base_model_idx in params also indexes this list). "combine" merges with ``method``;
-    "bounds" ignores method and draws element-wise between the members' min and max.
+PUBLISHED_MOVE_ABOVE = 0.2  # the published code moves when r4 > 0.2 (the seed README: r4 > 0.5)
+
+
+def published_update(index, n_members, best, worst, step_length, rng, restart=False):
+    """One step of the published code for member ``index``, as data.
+
+    best and worst are source indices (the search passes the global best and the worst-ever model, which it
+    places after the n_members members); the random member is one of the others, never ``index``.
+      restart (a stray member):  {"branch": "restart", "members": {"random": j}}
+          the new model is a copy of member j; it replaces this iteration's move (the best is not exempt)
+      r4 > 0.2:                  {"branch": "move", "members": {current, best, worst, random}, r1, r2, T, step}
+          part1 = merge([r1, -r1*T], [best, random]); part2 = merge([-r2, r2], [worst, random])
+          new   = merge([1, s, s], [current, part1, part2])   (three merges, whatever the merge method)
+      otherwise:                 {"branch": "explore", "members": {"random": j}, "seed": seed}
+          every tensor drawn uniformly in [-max|t|, +max|t|] of member j's same tensor (r3 unused)
+    Draws: a restart draws only k; otherwise r1, r2, r3, r4 = rng.random(4), T = rng.integers(1, 3), k, then
+    seed = rng.integers(0, 2**63 - 1); random = k if k < index else k + 1, k = rng.integers(0, n_members - 1).
     """
-    if not isinstance(update, dict) or update.get("kind") not in ("combine", "bounds"):
-        raise ValueError(f"update must be a dict from bwr_update() with kind 'combine' or 'bounds', got {update!r}")
+    if isinstance(n_members, bool) or not isinstance(n_members, numbers.Integral) or n_members < 2:
+        raise ValueError(f"n_members must be an integer >= 2 (BWR needs another member), got {n_members!r}")
+    index = _member("index", index, n_members)
+    if restart:
+        k = int(rng.integers(0, n_members - 1))
+        return {"kind": "published", "branch": "restart", "members": {"random": k if k < index else k + 1}}
+    if isinstance(step_length, bool) or not isinstance(step_length, numbers.Real) or not math.isfinite(step_length):
+        raise ValueError(f"step_length must be a finite number, got {step_length!r}")
+    r1, r2, r3, r4 = (float(x) for x in rng.random(4))
+    T = int(rng.integers(1, 3))
+    k = int(rng.integers(0, n_members - 1))
+    rand = k if k < index else k + 1
+    seed = int(rng.integers(0, 2**63 - 1))
+    if r4 > PUBLISHED_MOVE_ABOVE:
+        return {"kind": "published", "branch": "move", "members": {"current": index, "best": int(best),
+                "worst": int(worst), "random": rand}, "r1": r1, "r2": r2, "T": T, "step": float(step_length),
+                "seed": seed}
+    return {"kind": "published", "branch": "explore", "members": {"random": rand}, "seed": seed}
+
+
+def _published_step(update, states, method, params, names):
+    """The state dict a "published" update describes (see published_update); states are indexed by its members."""
+    role = {name: states[j] for name, j in update["members"].items()}
+    label = {name: (names[j] if names else f"adapter {j}") for name, j in update["members"].items()}
+    if update["branch"] == "restart":
+        return {key: t.clone() for key, t in role["random"].items()}
+    seed = update["seed"]
+    if update["branch"] == "explore":
+        return _explore_draw(role["random"], seed)
+    r1, r2, T, s = update["r1"], update["r2"], update["T"], update["step"]
+    # DARE's drop masks: one seed per merge, so the three merges draw independent masks
+    part1 = merge_state_dicts([role["best"], role["random"]], [r1, -r1 * T], method, params,
+                              names=[label["best"], label["random"]], seed=derive_seed(seed, "part1"))
+    part2 = merge_state_dicts([role["worst"], role["random"]], [-r2, r2], method, params,
+                              names=[label["worst"], label["random"]], seed=derive_seed(seed, "part2"))
+    return merge_state_dicts([role["current"], part1, part2], [1.0, s, s], method, params,
+                             names=[label["current"], "part1", "part2"], seed=derive_seed(seed, "new"))
+
+
+def _explore_draw(reference, seed):
+    """Every floating tensor uniform in [-max|t|, +max|t|] of the reference's tensor, per tensor seeded from
+    ``seed`` (the published code draws from torch's global generator, unseeded); other tensors are copied."""
+    import torch
+    out = {}
+    for key, t in reference.items():
+        if not t.is_floating_point():
+            out[key] = t.clone()
+            continue
+        bound = t.detach().abs().max().to(torch.float32) if t.numel() else torch.zeros((), dtype=torch.float32)
+        gen = torch.Generator(device="cpu").manual_seed(derive_seed(seed, key))
+        u = torch.rand(t.shape, generator=gen).to(t.device)
+        out[key] = u.mul_(2 * bound).sub_(bound).to(t.dtype)  # L + (U - L) * u with L = -bound, U = +bound
+    return out
+
+
+def describe_update(update):
+    """The branch an update took, for log.txt: "move", "explore ..." or "restart-copy ..." (published), or ""."""
+    if update.get("kind") != "published":
+        return ""
+    j = update["members"]["random"]
+    if update["branch"] == "restart":
+        return f"restart-copy of candidate_{j} (stray)"
+    if update["branch"] == "explore":
+        return f"explore (uniform in +-max|t| of candidate_{j})"
+    return f"move (r4 > {PUBLISHED_MOVE_ABOVE}, random candidate_{j}, T {update['T']})"
+
+
+def apply_update(update, states, method="weighted_average", params=None, names=None):
+    """Build the state dict an update from ``bwr_update`` or ``published_update`` describes.
+
+    states are the update's sources in order (coefficient j applies to states[j]; a "published" update's
+    members index this list; a base_model_idx in params indexes the inputs of each merge). "combine" merges
+    with ``method``; "bounds" ignores method and draws element-wise between the members' min and max;
+    "published" is the published code's step (its moves are three merges with ``method``).
+    """
+    if not isinstance(update, dict) or update.get("kind") not in ("combine", "bounds", "published"):
+        raise ValueError(f"update must be a dict from bwr_update() with kind 'combine' or 'bounds', or from "
+                         f"published_update(), got {update!r}")
     seed = update.get("seed", 0)
+    if update["kind"] == "published":
+        return _published_step(update, states, method, params, names)
     if update["kind"] == "bounds":
         return _bounds_draw(states, seed, names)
     return merge_state_dicts(states, update["weights"], method, params, names=names, seed=seed)

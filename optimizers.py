@@ -17,7 +17,8 @@ The interface (state() must hold everything from_state() needs; it goes into sta
     start(coefficients, utilities, rng)   after the initial evaluation; coefficients: each member's vector over
                                           the experts (one-hot for an expert, two entries for a crossover child)
     begin(utilities, step_length, rng)    once per iteration, before the proposals
-    propose(i, rng) -> update             member i's update for this iteration
+    propose(i, rng) -> update             member i's update for this iteration (over the members, then
+                                          global_best/ and global_worst/ when extremes is set)
     end(outcomes)                         {member: (utility, accepted)} of the members evaluated this iteration
     restart(i, best, n_members, n_experts, rng) -> weights over members + experts  (restarts = True only)
     state() -> dict ; from_state(args, n_experts, state)
@@ -39,6 +40,7 @@ class Optimizer:
     over = "population"
     greedy = False     # keep an update only if it scores strictly better than the member's current utility
     restarts = False   # search.py restarts stray members with restart()
+    extremes = False   # over the population: search.py appends global_best/ and global_worst/ to the sources
 
     def start(self, coefficients, utilities, rng):
         pass
@@ -87,6 +89,44 @@ class BWR(Optimizer):
         weights[best] += w
         weights[n_members + partner] += w2
         return weights
+
+
+class PublishedBWR(Optimizer):
+    """BWR as the published code runs it (--rule published_code; bwr.published_update): best and worst are the
+    global best and the worst-ever model (the published best/ and worst/ folders: search.py's global_best/ and
+    global_worst/, sources n and n + 1); a member without improvement for restart_patience * patience history
+    entries (the published count: the entries since its best first appeared, this iteration's start included)
+    is restarted as a copy of another random member *instead of* this iteration's move, compared with the original
+    like any update, the best not exempt. Its staleness is its own state: the same rule as search.py's for the
+    seed README's restarts (a member is fresh again when a kept update scores strictly higher)."""
+    name = "bwr"
+    extremes = True
+
+    def __init__(self, args, n_experts, state=None):
+        self.greedy = bool(args.greedy)
+        self.restart_after = args.restart_patience * args.patience if args.restart_stray_candidates else None
+        self.s = state or {}
+        self.n = self.step = self.utilities = None
+
+    def start(self, coefficients, utilities, rng):
+        self.s = {"stale": [0] * len(utilities)}
+
+    def begin(self, utilities, step_length, rng):
+        self.n, self.step, self.utilities = len(utilities), step_length, list(utilities)
+
+    def propose(self, i, rng):
+        # the published test: len(history) - first index of its best >= restart_patience * patience, where the
+        # history holds stale + 1 entries from that index on
+        stray = self.restart_after is not None and self.s["stale"][i] + 1 >= self.restart_after
+        return bwr.published_update(i, self.n, self.n, self.n + 1, self.step, rng, restart=stray)
+
+    def end(self, outcomes):
+        for i in range(self.n):
+            utility, accepted = outcomes.get(i, (math.nan, False))
+            self.s["stale"][i] = 0 if accepted and utility > self.utilities[i] else self.s["stale"][i] + 1
+
+    def state(self):
+        return self.s
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -264,6 +304,13 @@ CLASSES = {cls.name: cls for cls in (BWR, PSO, CMAES, RandomSearch)}
 OPTIMIZERS = tuple(CLASSES)  # --optimizer's choices
 
 
+# --rule: BWR's step as the seed README states it, or as the published code runs it
+RULES = ("readme", "published_code")
+
+
 def make(args, n_experts, state=None):
-    """The optimizer named by args.optimizer, fresh (state None) or restored from its state()."""
+    """The optimizer named by args.optimizer (bwr under --rule published_code: PublishedBWR), fresh (state None)
+    or restored from its state()."""
+    if args.optimizer == "bwr" and getattr(args, "rule", "readme") == "published_code":
+        return PublishedBWR(args, n_experts, state)
     return CLASSES[args.optimizer](args, n_experts, state)

@@ -131,6 +131,11 @@ def build_parser():
     a("--seed", type=int, default=42, help="seed of every random draw of the search")
     a("--reset_mode", default="scaled_random", choices=["scaled_random", "bounds"],
       help="BWR reset branch: random * r3 (seed README) or uniform between population min and max (Rao)")
+    a("--rule", default="readme", choices=list(optimizers.RULES),
+      help="bwr's step: 'readme', the seed README's rule; 'published_code', the published search.py's (r4 > 0.2 "
+           "moves in three merges, else every tensor uniform in +-max|t| of a random member; best and worst are the "
+           "global best and the worst ever; a stray member's restart, a copy of another member, replaces its move). "
+           "The merge methods stay this project's (the published TIES ignores its weights)")
     a("--greedy", type=int, default=1, choices=[0, 1],
       help="1: keep an update only if it scores strictly better (bwr, random; pso and cma_es always move)")
     a("--optimizer", default="bwr", choices=list(optimizers.OPTIMIZERS),
@@ -292,6 +297,9 @@ def validate_args(args, start_workers=None):
     if base_index is not None and base_index >= len(experts):
         raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
                          f"{len(experts)} experts (valid: 0..{len(experts) - 1})")
+    if args.rule == "published_code" and base_index is not None and base_index > 1:
+        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range for --rule published_code, "
+                         f"whose merges have two inputs first (best, random; worst, random): use 0 or 1")
     if start_workers is not None:
         start_workers(devices, merge_params)
     check_experts(experts, args.base_model, args.fast_merge, args.trust_remote_code)
@@ -343,6 +351,15 @@ def check_optimizer_args(args):
         raise UsageError("--inertia, --cognitive_coeff, --social_coeff and --repel_coeff are all 0: pso needs one > 0")
     if args.optimizer != "bwr" and args.reset_mode != "scaled_random":
         raise UsageError(f"--reset_mode is a BWR setting; --optimizer {args.optimizer} has no reset branch")
+    if args.rule == "published_code":
+        if args.optimizer != "bwr":
+            raise UsageError(f"--rule is BWR's step; --optimizer {args.optimizer} has none: use --optimizer bwr")
+        if args.reset_mode != "scaled_random":
+            raise UsageError(f"--reset_mode {args.reset_mode} is the seed README rule's reset; --rule published_code "
+                             f"explores with its own draw (uniform in +-max|t| of a random member): leave --reset_mode "
+                             f"at scaled_random (search_demo.sh: add --reset_mode scaled_random)")
+        if not args.fast_merge:
+            raise UsageError("--rule published_code needs adapter experts (--fast_merge 1)")
 
 
 def population_size(args, n_experts):
@@ -762,6 +779,13 @@ class Search:
     def expert_sources(self):
         return [Source(os.path.abspath(p), 0) for p in self.setup.experts]
 
+    def extreme_sources(self):
+        """global_best/ and global_worst/ (the best and the worst ever; --rule published_code's best and worst):
+        both change only at commits, so the iteration that wrote each is its version."""
+        s = self.state
+        return [Source(os.path.join(self.dir, "global_best"), s["best"]["iteration"]),
+                Source(os.path.join(self.dir, "global_worst"), s["worst"]["iteration"])]
+
     def candidate_task(self, i, sources, update, version, accept_if_above=None, restart=False, merge_method=None):
         """The one place a candidate task is built: member i's next version (cached by the workers as version),
         staged until the commit; a restart is staged beside the iteration's update, which it replaces only once
@@ -965,7 +989,7 @@ class Search:
         # propose: one update per member, as coefficients over the population or over the initial experts
         opt.begin(self.utilities(), s["step_length"], rng)
         if opt.over == "population":
-            sources = [self.source(j) for j in range(n)]
+            sources = [self.source(j) for j in range(n)] + (self.extreme_sources() if opt.extremes else [])
         else:
             sources = self.expert_sources()
         tasks, indices = [], []
@@ -981,8 +1005,12 @@ class Search:
         # run and accept
         results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
         accepted = 0
-        for i, result in zip(indices, results):
+        for i, task, result in zip(indices, tasks, results):
             c = s["candidates"][i]
+            branch = bwr.describe_update(task.update)
+            if branch:  # which branch of the published step this proposal took
+                self.log(f"candidate_{i}: {branch}: dev utility {result['utility']:.4f} against "
+                         f"{c['utility']:.4f}, {'kept' if result['accepted'] else 'not kept'}")
             if result.get("rejected") or math.isnan(result["utility"]):
                 self.log(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
                          f"it keeps its weights")

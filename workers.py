@@ -53,7 +53,7 @@ class Source(NamedTuple):
 
 @dataclass(frozen=True)
 class CandidateTask:
-    """Build a candidate from sources with update (bwr.apply_update's {"kind": "combine"|"bounds", ...}), evaluate
+    """Build a candidate from sources with update (bwr.apply_update's {"kind": "combine"|"bounds"|...}), evaluate
     it on split, and write it to save_to only if it is accepted (bwr.accept: utility > accept_if_above, or any
     non-NaN utility when that is None). save_to is written without fsync: the driver syncs its staging folder
     before it commits. An accepted candidate stays in the worker's adapter cache as cache_as = (path, version), the
@@ -249,7 +249,12 @@ class CollectedWarnings(logging.Handler):
 
 def _used_sources(sources, update, method):
     """For a weighted average, members with coefficient 0 add exactly nothing (0 * x == 0 for finite x), so
-    they are neither loaded nor summed. Other methods see every member (TIES elects signs over all of them)."""
+    they are neither loaded nor summed. Other methods see every member (TIES elects signs over all of them).
+    A "published" update (bwr.published_update) names the sources it reads: only those, its members renumbered."""
+    if update["kind"] == "published":
+        used = sorted(set(update["members"].values()))
+        members = {role: used.index(j) for role, j in update["members"].items()}
+        return [sources[j] for j in used], {**update, "members": members}
     if method != "weighted_average" or update["kind"] != "combine":
         return sources, update
     used = [j for j, w in enumerate(update["weights"]) if w != 0.0] or [0]

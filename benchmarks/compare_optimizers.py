@@ -9,7 +9,13 @@ so every run spends exactly B dev evaluations (the initial population's included
 means per optimizer: dev and test utility of the starting best (the best initial expert) and of the ending global
 best, the test and dev gains with their paired standard errors (from per-item scores, final_metrics.json), and the
 evaluations used. Extra search.py arguments for every run go after `--`, e.g. `-- --merge_method ties`.
-An optimizer entry is a name, or "label=name extra flags" for a variant.
+An optimizer entry is a name, or "label=name extra flags" for a variant, e.g. the two BWR rules:
+
+    python benchmarks/compare_optimizers.py --optimizers bwr "published=bwr --rule published_code" -j 2
+
+With two or more variants a second table pairs each one with the first, seed by seed (the same seeds start from the
+same population): the difference of their ending bests' test utilities with its item-paired SE (the two global
+bests' per-item test scores), then the mean difference over seeds with its SE over seeds.
 """
 
 import argparse
@@ -22,6 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # search.paired_gain for the paired table
 # the demo objective with search_demo.sh's scoring rules
 DEMO = ["-e", "exact_match", "-g", "cpu", "-i", "initial_experts/tiny/experts",
         "-b", "initial_experts/tiny/base_model", "--scoring", "strict"]
@@ -84,6 +91,38 @@ def table(rows, labels):
     return "\n".join(lines)
 
 
+def test_scores(row):
+    """Per-item test scores of a run's ending global best (finish() writes them beside its weights)."""
+    with open(os.path.join(row["directory"], "global_best", "golds_preds_test.json")) as f:
+        return json.load(f)["scores"]
+
+
+def paired_table(rows, labels):
+    """Each variant against the first, seed by seed (same seed: same initial population and starting best)."""
+    from search import paired_gain  # the project's paired statistic; search.py imports no torch at import time
+    base = labels[0]
+    head = f"{'variant - ' + base:<28}{'seed':>6}{'test diff ± item-paired SE':>30}"
+    lines = [head, "-" * len(head)]
+    for label in labels[1:]:
+        diffs = []
+        for seed in sorted({r["seed"] for r in rows}, key=[r["seed"] for r in rows].index):
+            a = next(r for r in rows if r["optimizer"] == base and r["seed"] == seed)
+            b = next(r for r in rows if r["optimizer"] == label and r["seed"] == seed)
+            gain = paired_gain(test_scores(a), test_scores(b))
+            diff = b["ending_best_single_test_accuracy"] - a["ending_best_single_test_accuracy"]
+            diffs.append(diff)
+            shown = f"{diff:+.4f} ± {gain['se']:.4f}" if gain else f"{diff:+.4f} (no per-item scores)"
+            lines.append(f"{label:<28}{seed:>6}{shown:>30}")
+        if len(diffs) > 1:
+            mean = sum(diffs) / len(diffs)
+            se = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+            better = sum(d > 0 for d in diffs)
+            lines.append(f"{label + ' mean':<28}{'':>6}{f'{mean:+.4f} ± {se:.4f}':>30}   (SE over {len(diffs)} "
+                         f"seeds; higher in {better}/{len(diffs)})")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     extra = []
@@ -126,6 +165,8 @@ def main(argv=None):
             print(f"  done: {label} seed {seed} ({rows[-1]['seconds']:.0f}s)", flush=True)
     print()
     print(table(rows, labels))
+    if len(labels) > 1:
+        print(paired_table(rows, labels))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

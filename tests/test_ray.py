@@ -136,9 +136,12 @@ import ray
     assert os.path.exists(os.path.join(only_dir(tmp_path / "local"), "final_metrics.json"))
 
 
-def test_ray_backend_matches_local_backend_for_pso(tiny, data, tmp_path):
-    """A non-BWR optimizer (candidates merged from the initial experts) on Ray: the same bytes as locally."""
-    args = (*SEARCH, "--optimizer", "pso")
+@pytest.mark.parametrize("flags", [("--optimizer", "pso"), ("--rule", "published_code", "-p", "4")],
+                         ids=["pso", "published_rule"])
+def test_ray_backend_matches_local_backend_for_pso(flags, tiny, data, tmp_path):
+    """A non-BWR optimizer (candidates merged from the initial experts) on Ray: the same bytes as locally; and
+    BWR's published-code rule, whose sources include global_best/ and global_worst/ (-p 4: iteration 2 restarts)."""
+    args = (*SEARCH, *flags)
     run_search(tmp_path / "local", *args)
     run_search(tmp_path / "ray", *args, *RAY, env=RAY_ENV)
     assert outputs(only_dir(tmp_path / "ray")) == outputs(only_dir(tmp_path / "local"))

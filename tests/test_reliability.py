@@ -1,6 +1,7 @@
 """A search that survives: SIGKILL + --resume bit for bit, dead workers, bad input, secrets."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -47,6 +48,52 @@ def test_sigkill_then_resume_is_bit_for_bit(reference, tmp_path, point):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(reference, directory)
     assert "resuming search" in open(os.path.join(directory, "log.txt")).read()
+
+
+# --rule published_code: restarts after 2 history entries without improvement (-p 4), so that iteration 2 holds
+# every branch (move, explore, restart-copy); global_worst/ kept to be read
+PUBLISHED_ARGS = ["-m", "2", "-p", "4", "--rule", "published_code", "--clean_up_on_end", "0"]
+
+
+@pytest.fixture(scope="module")
+def published_reference(tiny, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("published")
+    run_search(root, *PUBLISHED_ARGS)
+    return only_dir(root)
+
+
+def test_published_rule_logs_its_branches_and_keeps_the_worst_ever(published_reference, tiny):
+    """Every proposal's log line names its branch; the Worst the rule reads, global_worst/, is the worst initial
+    expert as it was (greedy acceptance never lowers a member), while the population's worst has moved on."""
+    directory = published_reference
+    log = open(os.path.join(directory, "log.txt")).read()
+    proposals = [line for line in log.splitlines() if re.search(r"candidate_\d+: (move|explore|restart-copy) ", line)]
+    assert len(proposals) == 20
+    for branch in ("move (r4 > 0.2", "explore (uniform in +-max|t|", "restart-copy of candidate_"):
+        assert any(branch in line for line in proposals), branch
+    state = json.load(open(os.path.join(directory, "state.json")))
+    initial = [c["history"][0] for c in state["candidates"]]
+    worst = min(range(len(initial)), key=lambda i: (initial[i], i))
+    assert state["worst"] == {"utility": initial[worst], "candidate": worst, "iteration": 0}
+    assert min(c["utility"] for c in state["candidates"]) > initial[worst]  # the run this test relies on
+    expert = sorted(os.listdir(tiny.experts))[worst]
+    frozen = weights(directory, "global_worst")
+    original = load_file(tiny.experts / expert / "adapter_model.safetensors")
+    assert frozen.keys() == original.keys() and all(torch.equal(frozen[k], original[k]) for k in frozen)
+
+
+def test_published_rule_resumes_bit_for_bit_after_sigkill(published_reference, tmp_path):
+    # 10 initial evaluations, the starting best's test, 10 in iteration 1: killed part-way through iteration 2
+    proc = run_search(tmp_path, *PUBLISHED_ARGS, env={"BWR_CRASH_AT": "evaluation:25"}, check=False)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
+    directory = only_dir(tmp_path)
+    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
+                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    same_result(published_reference, directory)
+    for sub in ("global_worst", *(f"candidate_{i}" for i in range(10))):
+        wa, wb = weights(published_reference, sub), weights(directory, sub)
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), sub
 
 
 def test_resume_reads_the_float_versions_of_earlier_states(reference, tmp_path):
@@ -193,6 +240,8 @@ BAD_CASES = {
     "dropK outside [0,1]": (lambda t, tiny: BASE + ["--dropK", "2"], "--dropK"),
     "name with a path separator": (lambda t, tiny: replace(BASE, "-n", "a/b"), "path separator"),
     "unknown flag": (lambda t, tiny: BASE + ["--frobnicate", "1"], "frobnicate"),
+    "published rule with pso": (lambda t, tiny: BASE + ["--rule", "published_code", "--optimizer", "pso"],
+                                "--optimizer bwr"),
     "resume of a non-search": (lambda t, tiny: ["--resume", str(t)], "not a search directory"),
     "missing perspective key": (lambda t, tiny: replace(replace(BASE, "-e", "external_api"), "-d", "tiny_rm"),
                                 "PERSPECTIVE_API_KEY"),

@@ -134,14 +134,15 @@ def test_help_lists_every_flag():
                  "--initial_experts_num", "--starting_test_set_eval", "--fast_merge", "--project_name_wb",
                  "--clean_up_on_end", "--only_one_or_two", "--to_visualize", "--correctness_emergence", "--dropK",
                  "--dropN", "--merge_method", "--merge_params", "--num_cpu_when_merging", "--seed", "--reset_mode",
-                 "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model", "--trust_remote_code",
-                 "--judge_model", "--wandb_mode", "--resume", "--lock_wait", "--backend", "--ray_address", "--lm_eval_tasks",
-                 "--lm_eval_include_path", "--lm_eval_dev_limit"):
+                 "--rule", "--greedy", "--batch_size", "--mc_scoring", "--scoring", "--reward_model",
+                 "--trust_remote_code", "--judge_model", "--wandb_mode", "--resume", "--lock_wait", "--backend",
+                 "--ray_address", "--lm_eval_tasks", "--lm_eval_include_path", "--lm_eval_dev_limit"):
         assert flag in out.stdout, flag
     from data.schema import EVAL_TYPES
     text = " ".join(out.stdout.split())  # argparse re-wraps help text
     for name, row in EVAL_TYPES.items():  # -e's help is made from the table of evaluation types
         assert f"{name} ({row.help}; utility: {row.metric}" in text, name
+    assert "{readme,published_code}" in text and "the published TIES ignores its weights" in text
 
 
 @pytest.mark.parametrize("script,expect", [

@@ -196,3 +196,8 @@ def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_pat
     for r in rows:
         line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{r['optimizer']} "))
         assert f"{r['test_gain_over_starting_best']:+.3f} ± {r['test_gain_paired_se']:.3f}" in line
+    # the paired table: cma against bwr on the same seed, item by item over the two ending bests' test scores
+    diff = rows[1]["ending_best_single_test_accuracy"] - rows[0]["ending_best_single_test_accuracy"]
+    assert "variant - bwr" in proc.stdout
+    paired = next(l for l in proc.stdout.splitlines() if l.startswith("cma ") and f"{diff:+.4f} ± " in l)
+    assert paired.split()[1] == "1"
