@@ -79,3 +79,12 @@ def data(tiny_demo_path):
     if proc.returncode != 0:
         pytest.fail(f"data/build.py failed (rc {proc.returncode}): {proc.stderr[-2000:]}")
     return Path(tiny_demo_path).parent
+
+
+@pytest.fixture(scope="module")
+def three_experts(tiny, tmp_path_factory):
+    """Three of the tiny experts, one per operation (a small population keeps each search short)."""
+    folder = tmp_path_factory.mktemp("experts")
+    for name in ("max_a", "fst_b", "snd_c"):
+        os.symlink(tiny.experts / name, folder / name)
+    return folder

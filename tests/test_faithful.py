@@ -29,15 +29,6 @@ def search(root, *args, check=True, timeout=900):
 
 
 @pytest.fixture(scope="module")
-def three_experts(tiny, tmp_path_factory):
-    """Three of the tiny experts (a small population keeps each search short)."""
-    folder = tmp_path_factory.mktemp("experts")
-    for name in ("max_a", "fst_b", "snd_c"):
-        os.symlink(tiny.experts / name, folder / name)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def small_data(data, tmp_path_factory):
     """The first items of the tiny sets (20 dev / 20 test), in a data dir of their own."""
     out = tmp_path_factory.mktemp("eval")

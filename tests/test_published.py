@@ -151,14 +151,6 @@ def trimmed(installed, tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def three_experts(tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("experts")
-    for name in ("max_a", "fst_b", "snd_c"):
-        os.symlink(tiny.experts / name, folder / name)
-    return folder
-
-
 # (command, -e, -d): the starter scripts as they are (their GPU settings overridden for the tiny population: later
 # flags win), and one search for each other objective the published files are read with
 SEARCHES = {
