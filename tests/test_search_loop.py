@@ -246,3 +246,18 @@ def test_docs_recipe_adds_an_optimizer(tiny, data, tmp_path):
     assert metrics["optimizer"] == "dirichlet" and metrics["dev_evaluations"] == 20  # 10 initial + 10 proposals
     assert read(directory, "args.json")["concentration"] == 0.5
     assert os.path.exists(os.path.join(directory, "global_best", "adapter_model.safetensors"))
+
+
+def test_another_optimizers_flag_is_refused_but_an_old_search_still_resumes():
+    """--inertia with --optimizer bwr would be ignored, so a new search refuses it; a search recorded before that
+    check existed (its args.json holds one) still resumes (search.py sets args.resume before validating)."""
+    import search
+    import optimizers
+    args = search.build_parser().parse_args(["--inertia", "0.5"])
+    with pytest.raises(optimizers.OptimizerArgsError, match="--inertia is a pso setting; --optimizer bwr does not"):
+        optimizers.check_args(args, {})
+    args.resume = "search/old"
+    optimizers.check_args(args, {})
+    args.inertia = -0.5  # out of range stays refused
+    with pytest.raises(optimizers.OptimizerArgsError, match="--inertia -0.5 is out of range"):
+        optimizers.check_args(args, {})
