@@ -23,24 +23,58 @@ The interface (state() must hold everything from_state() needs; it goes into sta
     restart(i, best, n_members, n_experts, rng) -> weights over members + experts  (restarts = True only)
     state() -> dict ; from_state(args, n_experts, state)
 
+An optimizer owns its settings: `flags` declares its command-line flags (search.py adds them to its parser, one
+argument group per optimizer) and `check(args, merge_params)` refuses the combinations of the search's arguments it
+cannot honour; check_args runs both before the search starts. @register makes a class an --optimizer choice.
+
 Draws come from the search's numpy Generator in a fixed order (the search's own state is restored bit for bit
 on resume). CMA-ES keeps its own state; it is restored by replaying its recorded generations (ask, tell the
 recorded utilities) from its seed, which gives back the identical internal state on the same machine.
 """
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
 import bwr
 
 
+class OptimizerArgsError(ValueError):
+    """An optimizer's flag out of range, or a combination it refuses: search.py reports it in one line (exit 2)."""
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag an optimizer owns, declared on its class: search.py's -h lists it in that optimizer's
+    group; check_args checks its range, and refuses it (set to anything but its default) with another optimizer."""
+    name: str                       # --name, and the attribute of the parsed arguments
+    type: type                      # float, int or str
+    default: object
+    help: str
+    valid: Callable = None          # value -> True when it is in range (None: any value of `type`)
+    valid_text: str = ""            # what is valid, for the error: "a number >= 0"
+    choices: tuple = None           # the values a str flag may take
+
+
+NON_NEGATIVE = {"valid": lambda v: v >= 0 and math.isfinite(v), "valid_text": "a number >= 0"}
+POSITIVE = {"valid": lambda v: v > 0 and math.isfinite(v), "valid_text": "a number > 0"}
+
+
 class Optimizer:
     name = None
+    help = ""          # one line: --optimizer's -h and this optimizer's flag group
+    flags = ()         # its own command-line flags (Flag)
     over = "population"
     greedy = False     # keep an update only if it scores strictly better than the member's current utility
     restarts = False   # search.py restarts stray members with restart()
     extremes = False   # over the population: search.py appends global_best/ and global_worst/ to the sources
+
+    @classmethod
+    def check(cls, args, merge_params):
+        """Raise OptimizerArgsError for a combination of the search's arguments this optimizer cannot honour (refused
+        rather than silently ignored). Its flags' ranges are checked before, from their declarations."""
 
     def start(self, coefficients, utilities, rng):
         pass
@@ -58,15 +92,87 @@ class Optimizer:
         return {}
 
 
+# --rule (a BWR flag): BWR's step as the seed README states it, or as the published code runs it
+RULES = ("readme", "published_code")
+
+CLASSES = {}  # --optimizer's choices: name -> class, in registration order
+
+
+def register(cls):
+    """Class decorator: makes cls an --optimizer choice and its flags search.py's options."""
+    if cls.name in CLASSES:
+        raise ValueError(f"optimizer {cls.name!r} is already registered")
+    taken = {flag.name for other in CLASSES.values() for flag in other.flags}
+    clash = sorted(taken & {flag.name for flag in cls.flags})
+    if clash:
+        raise ValueError(f"optimizer {cls.name!r}: --{clash[0]} is already another optimizer's flag")
+    CLASSES[cls.name] = cls
+    return cls
+
+
+def check_args(args, merge_params):
+    """Every optimizer's flags in range; another optimizer's flag left at its default (it would be ignored; a
+    --resume of a search that recorded one before this check existed still runs); then what --optimizer's class
+    refuses. Raises OptimizerArgsError."""
+    chosen = CLASSES[args.optimizer]
+    for cls in CLASSES.values():
+        for flag in cls.flags:
+            value = getattr(args, flag.name)
+            if flag.valid is not None and not flag.valid(value):
+                raise OptimizerArgsError(f"--{flag.name} {value} is out of range: it must be {flag.valid_text}")
+            if cls is not chosen and value != flag.default and not getattr(args, "resume", None):
+                raise OptimizerArgsError(f"--{flag.name} is a {cls.name} setting; --optimizer {args.optimizer} does "
+                                         f"not use it: use --optimizer {cls.name} or leave --{flag.name} out")
+    chosen.check(args, merge_params)
+
+
+def optimizers_help():
+    """--optimizer's -h text, from the registered classes."""
+    over_experts = [name for name, cls in CLASSES.items() if cls.over == "experts"]
+    return "; ".join(f"{name}: {cls.help}" for name, cls in CLASSES.items()) + (
+        f" ({', '.join(over_experts)} search coefficient vectors over the initial experts)" if over_experts else "")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # BWR: the seed README's rule (bwr.py), over the population
 
+@register
 class BWR(Optimizer):
     """Best-Worst-Random (bwr.bwr_update): best and worst are the current population's (seed README: "identify the
     best and worst models" among the evaluated candidates). Greedy by default (--greedy); stray members restarted
-    by search.py as a crossover of the population's best and a random initial expert."""
+    by search.py as a crossover of the population's best and a random initial expert. --rule published_code runs
+    PublishedBWR instead (make())."""
     name = "bwr"
+    help = "the Best-Worst-Random rule"
+    flags = (
+        Flag("reset_mode", str, "scaled_random", "BWR reset branch: random * r3 (seed README) or uniform between "
+             "population min and max (Rao)", choices=bwr.RESET_MODES),
+        Flag("rule", str, "readme", "bwr's step: 'readme', the seed README's rule; 'published_code', the published "
+             "search.py's (r4 > 0.2 moves in three merges, else every tensor uniform in +-max|t| of a random member; "
+             "best and worst are the global best and the worst ever; a stray member's restart, a copy of another "
+             "member, replaces its move). The merge methods stay this project's (the published TIES ignores its "
+             "weights)", choices=RULES),
+    )
     restarts = True
+
+    @classmethod
+    def check(cls, args, merge_params):
+        if args.reset_mode == "bounds" and not args.fast_merge:
+            raise OptimizerArgsError("--reset_mode bounds needs adapter experts (--fast_merge 1)")
+        if args.rule != "published_code":
+            return
+        if args.reset_mode != "scaled_random":
+            raise OptimizerArgsError(
+                f"--reset_mode {args.reset_mode} is the seed README rule's reset; --rule published_code explores with "
+                f"its own draw (uniform in +-max|t| of a random member): leave --reset_mode at scaled_random "
+                f"(search_demo.sh: add --reset_mode scaled_random)")
+        if not args.fast_merge:
+            raise OptimizerArgsError("--rule published_code needs adapter experts (--fast_merge 1)")
+        base_index = merge_params.get("base_model_idx")
+        if base_index is not None and base_index > 1:
+            raise OptimizerArgsError(f"--merge_params base_model_idx {base_index} is out of range for --rule "
+                                     f"published_code, whose merges have two inputs first (best, random; worst, "
+                                     f"random): use 0 or 1")
 
     def __init__(self, args, n_experts, state=None):
         self.greedy = bool(args.greedy)
@@ -132,6 +238,7 @@ class PublishedBWR(Optimizer):
 # ----------------------------------------------------------------------------------------------------------------
 # PSO as in Model Swarms (Feng et al., 2024), over the experts' coefficient vector
 
+@register
 class PSO(Optimizer):
     """Model Swarms' particle update, with its published defaults (inertia 0.4, cognitive 0.3, social 0.3,
     repel 0.3, random weights, a random starting velocity towards another particle, step length 1 decaying by
@@ -146,7 +253,20 @@ class PSO(Optimizer):
     with zero velocity. A particle is restarted (x <- p, v <- 0, then updated) when its personal best is
     restart_patience * patience history entries old, Model Swarms' rule."""
     name = "pso"
+    help = "Model Swarms' particle swarm"
+    flags = (
+        Flag("inertia", float, 0.4, "weight of the particle's velocity (Model Swarms' default)", **NON_NEGATIVE),
+        Flag("cognitive_coeff", float, 0.3, "weight of the pull to the personal best", **NON_NEGATIVE),
+        Flag("social_coeff", float, 0.3, "weight of the pull to the global best", **NON_NEGATIVE),
+        Flag("repel_coeff", float, 0.3, "weight of the push away from the global worst", **NON_NEGATIVE),
+    )
     over = "experts"
+
+    @classmethod
+    def check(cls, args, merge_params):
+        if sum((args.inertia, args.cognitive_coeff, args.social_coeff, args.repel_coeff)) <= 0:
+            raise OptimizerArgsError("--inertia, --cognitive_coeff, --social_coeff and --repel_coeff are all 0: pso "
+                                     "needs one > 0")
 
     def __init__(self, args, n_experts, state=None):
         self.weights = (args.inertia, args.cognitive_coeff, args.social_coeff, args.repel_coeff)
@@ -222,6 +342,7 @@ class PSO(Optimizer):
 # ----------------------------------------------------------------------------------------------------------------
 # CMA-ES over the experts' coefficient vector (the cma package)
 
+@register
 class CMAES(Optimizer):
     """CMA-ES (Hansen's cma package) on the coefficient vector, population size = the search's population, mean
     started at the best initial member's coefficients (one-hot on the best expert), initial sigma --cma_sigma0.
@@ -229,7 +350,15 @@ class CMAES(Optimizer):
     cma minimises; a sample whose merge is not finite counts as the worst of its generation). Its normal draws
     come from a Generator of its own, seeded from --seed, so its state is its seed plus the told utilities."""
     name = "cma_es"
+    help = "CMA-ES"
+    flags = (Flag("cma_sigma0", float, 0.5, "initial standard deviation of the coefficients", **POSITIVE),)
     over = "experts"
+
+    @classmethod
+    def check(cls, args, merge_params):
+        if args.dropK > 0 or args.dropN > 0:
+            raise OptimizerArgsError("--dropK/--dropN skip evaluations, and CMA-ES needs every sample of a generation "
+                                     "scored: use them with --optimizer bwr, pso or random")
 
     def __init__(self, args, n_experts, state=None):
         self.sigma0 = args.cma_sigma0
@@ -281,12 +410,14 @@ class CMAES(Optimizer):
 # ----------------------------------------------------------------------------------------------------------------
 # Random search over the experts' coefficient vector
 
+@register
 class RandomSearch(Optimizer):
     """Each member draws a fresh coefficient vector every iteration: a direction uniform on the simplex
     (Dirichlet(1, ..., 1)) times a total weight uniform in [0, 2] (so the weights sum to 1 on average, as a
     weighted average, with up to 2x extrapolation of the total, as BWR's crossover draws w in [0, 2]). Greedy by
     default (--greedy): a member keeps the better of its current and new vector."""
     name = "random"
+    help = "random search"
     over = "experts"
 
     def __init__(self, args, n_experts, state=None):
@@ -298,14 +429,6 @@ class RandomSearch(Optimizer):
         total = float(rng.uniform(0.0, 2.0))
         return {"kind": "combine", "weights": [float(total * d) for d in direction],
                 "seed": int(rng.integers(0, 2**63 - 1))}
-
-
-CLASSES = {cls.name: cls for cls in (BWR, PSO, CMAES, RandomSearch)}
-OPTIMIZERS = tuple(CLASSES)  # --optimizer's choices
-
-
-# --rule: BWR's step as the seed README states it, or as the published code runs it
-RULES = ("readme", "published_code")
 
 
 def make(args, n_experts, state=None):

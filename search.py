@@ -129,26 +129,12 @@ def build_parser():
     a("--merge_params", default=None, help=merge.params_help())
     a("--num_cpu_when_merging", type=int, default=1, help="CPU threads per worker for tensor work")
     a("--seed", type=int, default=42, help="seed of every random draw of the search")
-    a("--reset_mode", default="scaled_random", choices=["scaled_random", "bounds"],
-      help="BWR reset branch: random * r3 (seed README) or uniform between population min and max (Rao)")
-    a("--rule", default="readme", choices=list(optimizers.RULES),
-      help="bwr's step: 'readme', the seed README's rule; 'published_code', the published search.py's (r4 > 0.2 "
-           "moves in three merges, else every tensor uniform in +-max|t| of a random member; best and worst are the "
-           "global best and the worst ever; a stray member's restart, a copy of another member, replaces its move). "
-           "The merge methods stay this project's (the published TIES ignores its weights)")
     a("--greedy", type=int, default=1, choices=[0, 1],
       help="1: keep an update only if it scores strictly better (bwr, random; pso and cma_es always move)")
-    a("--optimizer", default="bwr", choices=list(optimizers.OPTIMIZERS),
-      help="bwr: the Best-Worst-Random rule; pso: Model Swarms' particle swarm; cma_es: CMA-ES; random: random "
-           "search (pso, cma_es and random search coefficient vectors over the initial experts)")
+    a("--optimizer", default="bwr", choices=list(optimizers.CLASSES), help=optimizers.optimizers_help())
     a("--max_evaluations", type=int, default=None,
       help="stop after this many dev evaluations of candidates (the initial population's included; the final "
            "and the starting test evaluations are not counted)")
-    a("--inertia", type=float, default=0.4, help="pso: weight of the particle's velocity (Model Swarms' default)")
-    a("--cognitive_coeff", type=float, default=0.3, help="pso: weight of the pull to the personal best")
-    a("--social_coeff", type=float, default=0.3, help="pso: weight of the pull to the global best")
-    a("--repel_coeff", type=float, default=0.3, help="pso: weight of the push away from the global worst")
-    a("--cma_sigma0", type=float, default=0.5, help="cma_es: initial standard deviation of the coefficients")
     a("--batch_size", type=int, default=None,
       help="generation batch size (default: as many prompts as a share of the device's free memory holds)")
     a("--mc_scoring", default="generate", choices=["generate", "logits"],
@@ -171,7 +157,19 @@ def build_parser():
     a("--lock_wait", type=float, default=0.0, metavar="SECONDS",
       help="--resume of a directory another search.py still holds: wait up to this long for it to end (a "
            "scheduler's requeue) instead of refusing at once")
+    add_optimizer_flags(p)
     return p
+
+
+def add_optimizer_flags(parser):
+    """Each optimizer's own flags, declared on its class (optimizers.py), in a -h group of its own."""
+    for name, cls in optimizers.CLASSES.items():
+        if not cls.flags:
+            continue
+        group = parser.add_argument_group(f"--optimizer {name}", cls.help)
+        for flag in cls.flags:
+            group.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, choices=flag.choices,
+                               help=flag.help)
 
 
 # search names become folder names (with _<hostname>_<time> appended, 255 bytes at most) and appear in shell
@@ -195,11 +193,6 @@ NUMERIC_RULES = [  # (flag, test, what is valid)
     ("seed", lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)"),
     ("max_evaluations", lambda v: v is None or v >= 1, "an integer >= 1"),
     ("lm_eval_dev_limit", lambda v: v is None or v >= 1, "an integer >= 1"),
-    ("inertia", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
-    ("cognitive_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
-    ("social_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
-    ("repel_coeff", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
-    ("cma_sigma0", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
 ]
 
 
@@ -284,9 +277,7 @@ def validate_args(args, start_workers=None):
         merge_params = merge.parse_merge_params(args.merge_method, args.merge_params)
     except merge.MergeError as e:
         raise UsageError(str(e)) from None
-    if args.reset_mode == "bounds" and not args.fast_merge:
-        raise UsageError("--reset_mode bounds needs adapter experts (--fast_merge 1)")
-    check_optimizer_args(args)
+    check_optimizer_args(args, merge_params)
     import evaluate
     try:
         evaluate.check_credentials(args.eval_type)
@@ -297,9 +288,6 @@ def validate_args(args, start_workers=None):
     if base_index is not None and base_index >= len(experts):
         raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
                          f"{len(experts)} experts (valid: 0..{len(experts) - 1})")
-    if args.rule == "published_code" and base_index is not None and base_index > 1:
-        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range for --rule published_code, "
-                         f"whose merges have two inputs first (best, random; worst, random): use 0 or 1")
     if start_workers is not None:
         start_workers(devices, merge_params)
     check_experts(experts, args.base_model, args.fast_merge, args.trust_remote_code)
@@ -342,24 +330,12 @@ def check_lm_eval_tasks(args):
         raise UsageError(str(e)) from None
 
 
-def check_optimizer_args(args):
-    """Combinations an optimizer cannot honour are refused rather than silently ignored."""
-    if args.optimizer == "cma_es" and (args.dropK > 0 or args.dropN > 0):
-        raise UsageError("--dropK/--dropN skip evaluations, and CMA-ES needs every sample of a generation scored: "
-                         "use them with --optimizer bwr, pso or random")
-    if args.optimizer == "pso" and sum((args.inertia, args.cognitive_coeff, args.social_coeff, args.repel_coeff)) <= 0:
-        raise UsageError("--inertia, --cognitive_coeff, --social_coeff and --repel_coeff are all 0: pso needs one > 0")
-    if args.optimizer != "bwr" and args.reset_mode != "scaled_random":
-        raise UsageError(f"--reset_mode is a BWR setting; --optimizer {args.optimizer} has no reset branch")
-    if args.rule == "published_code":
-        if args.optimizer != "bwr":
-            raise UsageError(f"--rule is BWR's step; --optimizer {args.optimizer} has none: use --optimizer bwr")
-        if args.reset_mode != "scaled_random":
-            raise UsageError(f"--reset_mode {args.reset_mode} is the seed README rule's reset; --rule published_code "
-                             f"explores with its own draw (uniform in +-max|t| of a random member): leave --reset_mode "
-                             f"at scaled_random (search_demo.sh: add --reset_mode scaled_random)")
-        if not args.fast_merge:
-            raise UsageError("--rule published_code needs adapter experts (--fast_merge 1)")
+def check_optimizer_args(args, merge_params):
+    """The optimizers' flags in range, and no combination --optimizer refuses (declared on its class)."""
+    try:
+        optimizers.check_args(args, merge_params)
+    except optimizers.OptimizerArgsError as e:
+        raise UsageError(str(e)) from None
 
 
 def population_size(args, n_experts):

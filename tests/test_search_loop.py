@@ -201,3 +201,63 @@ def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_pat
     assert "variant - bwr" in proc.stdout
     paired = next(l for l in proc.stdout.splitlines() if l.startswith("cma ") and f"{diff:+.4f} ± " in l)
     assert paired.split()[1] == "1"
+
+
+# --- an optimizer added exactly as docs/extending.md's "An optimizer" says ----------------------------------------
+
+def test_docs_recipe_adds_an_optimizer(tiny, data, tmp_path):
+    """The recipe's class appended to a copy of optimizers.py, search.py untouched: -h lists its flag in its own
+    group, a bad value or the flag with another optimizer is refused in one line, and it runs end to end."""
+    import shutil
+    import subprocess
+    import sys
+    guide = (REPO / "docs" / "extending.md").read_text()
+    section = guide[guide.index("## An optimizer"):]
+    recipe = section.split("```python\n")[1].split("```")[0]
+    assert recipe.startswith("@register\nclass DirichletSearch(Optimizer):")
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    for source in list(REPO.glob("*.py")) + list((REPO / "data").glob("*.py")):
+        shutil.copy(source, repo / source.relative_to(REPO))
+    with open(repo / "optimizers.py", "a") as f:
+        f.write("\n\n" + recipe)
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+
+    def search(*flags):
+        return subprocess.run([sys.executable, "search.py", "-n", "dir", "-e", "exact_match", "-d", "tiny_demo_quick",
+                               "-g", "cpu", "-i", str(tiny.experts), "-b", str(tiny.base), "--data_dir", str(data),
+                               "--output_root", str(tmp_path / "out"), "--seed", "5", *flags],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+
+    help_text = " ".join(search("-h").stdout.split())
+    assert "--optimizer dirichlet: random weighted averages of the experts --concentration CONCENTRATION" in help_text
+    for flags, error in [(("--optimizer", "dirichlet", "--concentration", "0"),
+                          "--concentration 0.0 is out of range: it must be a number > 0"),
+                         (("--concentration", "2"), "--concentration is a dirichlet setting; --optimizer bwr does "
+                                                    "not use it")]:
+        refused = search(*flags)
+        assert refused.returncode == 2 and refused.stderr.startswith(f"search.py: error: {error}"), refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+    proc = search("-m", "1", "--optimizer", "dirichlet", "--concentration", "0.5")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    directory = only_dir(tmp_path / "out")
+    metrics = read(directory, "final_metrics.json")
+    assert metrics["optimizer"] == "dirichlet" and metrics["dev_evaluations"] == 20  # 10 initial + 10 proposals
+    assert read(directory, "args.json")["concentration"] == 0.5
+    assert os.path.exists(os.path.join(directory, "global_best", "adapter_model.safetensors"))
+
+
+def test_another_optimizers_flag_is_refused_but_an_old_search_still_resumes():
+    """--inertia with --optimizer bwr would be ignored, so a new search refuses it; a search recorded before that
+    check existed (its args.json holds one) still resumes (search.py sets args.resume before validating)."""
+    import search
+    import optimizers
+    args = search.build_parser().parse_args(["--inertia", "0.5"])
+    with pytest.raises(optimizers.OptimizerArgsError, match="--inertia is a pso setting; --optimizer bwr does not"):
+        optimizers.check_args(args, {})
+    args.resume = "search/old"
+    optimizers.check_args(args, {})
+    args.inertia = -0.5  # out of range stays refused
+    with pytest.raises(optimizers.OptimizerArgsError, match="--inertia -0.5 is out of range"):
+        optimizers.check_args(args, {})
