@@ -57,7 +57,8 @@ class EvalType:
     metric: str                # what the utility is, for -h
     help: str                  # one line for -h
     scorer: str                # its function in evaluate.py, by name (evaluate imports torch, -h must not):
-                               # scorer(model, tokenizer, data) -> Scored; data: one split (data/prompts.py)
+                               # scorer(model, tokenizer, data) -> Scored, data one split (data/prompts.py);
+                               # without items: scorer(model, tokenizer, dataset, split, only_one_or_two)
     prompts: Callable | None = None  # builder of the prompt texts it generates from (data/prompts.py), which
                                      # check_prompt_lengths measures; None: it builds none (multitask: its parts')
     chat: bool = False         # prompts are sent as one user turn through the tokenizer's chat template
