@@ -9,9 +9,10 @@ Splits (`plan_task`): dev is the task's validation split, test its test split. A
 cut in two by a fixed seed (dev: one half, test: the other). --lm_eval_dev_limit N keeps N dev documents, drawn with
 the same fixed seed. The seed is fixed rather than --seed so that searches with different seeds share their sets.
 
-Scoring (`score`) runs lm-eval's own evaluator on an HFLM wrapped once around the worker's resident model (evaluate.py's
-ModelHost swaps each candidate into it in place), with the seeds lm_eval.simple_evaluate sets: a task's figure is what
-simple_evaluate reports for the same weights on the same documents. Tasks and their data are loaded once per process.
+Scoring (`score`) runs lm-eval's own evaluator on an HFLM wrapped once around the worker's resident model
+(generation.py's ModelHost swaps each candidate into it in place), with the seeds lm_eval.simple_evaluate sets: a
+task's figure is what simple_evaluate reports for the same weights on the same documents. Tasks and their data are
+loaded once per process.
 Per-item results (the primary metric of each document) go back to the search for paired statistics, ensembles and
 correctness_emergence.json; golds and predictions are given where the metric is per-item accuracy (acc of a
 multiple-choice task, exact_match of a generate-until task), so that the top-k ensembles vote.
@@ -232,7 +233,7 @@ def resident_lm(model, tokenizer, batch_size):
 
 
 def _resident_class():
-    import evaluate
+    import generation
     from lm_eval.models.huggingface import HFLM
 
     class ResidentLM(HFLM):
@@ -246,15 +247,15 @@ def _resident_class():
             return list(cache[key])
 
         def loglikelihood(self, requests, disable_tqdm=True):
-            with evaluate.forward_timer(self.device):
+            with generation.forward_timer(self.device):
                 return super().loglikelihood(requests, disable_tqdm=True)
 
         def loglikelihood_rolling(self, requests, disable_tqdm=True):
-            with evaluate.forward_timer(self.device):
+            with generation.forward_timer(self.device):
                 return super().loglikelihood_rolling(requests, disable_tqdm=True)
 
         def generate_until(self, requests, disable_tqdm=True):
-            with evaluate.forward_timer(self.device):
+            with generation.forward_timer(self.device):
                 return super().generate_until(requests, disable_tqdm=True)
     return ResidentLM
 
@@ -279,9 +280,9 @@ def run_tasks(lm, tasks, plans, split):
 
 
 def score(model, tokenizer, tasks_text, split):
-    """evaluate.Scored of the model in the host on one split of the tasks (what evaluate.score's lm_eval branch
-    returns)."""
-    import evaluate
+    """evaluate.Scored of the model in the host on one split of the tasks (what evaluate.score_lm_eval, the lm_eval
+    row's scorer, returns)."""
+    import generation
     from evaluate import EvalError, OPTIONS, Scored
     _quiet()
     try:
@@ -289,8 +290,8 @@ def score(model, tokenizer, tasks_text, split):
     except HarnessError as e:
         raise EvalError(str(e)) from None
     _compile_templates_once()
-    device = evaluate._model_device(model)
-    lm = resident_lm(model, tokenizer, evaluate._batch_size(None, device))
+    device = generation._model_device(model)
+    lm = resident_lm(model, tokenizer, generation._batch_size(None, device))
     result = run_tasks(lm, tasks, plans, split)
     parts, golds, preds, scores, outputs = {}, [], [], [], []
     for plan in plans:

@@ -71,18 +71,19 @@ def published(experts, base, dev, runs, threads):
 def generation_levers(ev, experts, base, device, dev, repeats):
     """Seconds per candidate of generation alone (batch_generate as the exact-match scorer calls it), for batches of
     32 and the automatic size, through generate() and through the greedy loop; median over interleaved repeats."""
+    import generation as gen  # where the decoding choice is read
     host = ev.get_host(base, device)
     questions = [item["question"] for item in dev]
     golds = [str(item["answer"]) for item in dev]
     budget = ev.exact_match_budget(host.tokenizer, golds, ev.exact_match_rule("tiny_demo"))
-    plain, holes = ev._plain_decoder, ev._layers_take_holes
+    plain, holes = gen._plain_decoder, gen._layers_take_holes
     loops = ("generate()", "greedy loop", "greedy, shared")  # the last is what the search runs
     variants = {(batch, loop): None for batch in (32, None) for loop in loops}
     times = {key: [] for key in variants}
     for r in range(repeats):
         for batch, loop in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
-            ev._plain_decoder = plain if loop != "generate()" else (lambda model: False)
-            ev._layers_take_holes = holes if loop == "greedy, shared" else (lambda model: False)
+            gen._plain_decoder = plain if loop != "generate()" else (lambda model: False)
+            gen._layers_take_holes = holes if loop == "greedy, shared" else (lambda model: False)
             try:
                 start, outputs = time.perf_counter(), []
                 for expert in experts:
@@ -91,8 +92,8 @@ def generation_levers(ev, experts, base, device, dev, repeats):
                 times[(batch, loop)].append((time.perf_counter() - start) / len(experts))
                 variants[(batch, loop)] = outputs
             finally:
-                ev._plain_decoder, ev._layers_take_holes = plain, holes
-    auto = ev._rows_that_fit(host.model, len(questions), max(map(len, ev.encode(host.tokenizer, questions))), budget)
+                gen._plain_decoder, gen._layers_take_holes = plain, holes
+    auto = gen._rows_that_fit(host.model, len(questions), max(map(len, ev.encode(host.tokenizer, questions))), budget)
     print(f"generation alone, tiny_demo dev ({len(questions)} prompts, {budget} new tokens at most), {len(experts)} "
           f"experts, median of {repeats} interleaved repeats (s per candidate):")
     reference = times[(32, "generate()")]

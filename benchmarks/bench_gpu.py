@@ -18,7 +18,7 @@ token), decode ms per step of the whole batch, GPU peak memory, and the ratio to
 with peak FLOP/s and bandwidth looked up from the device name (H100/H200/A100) or given by --peak_tflops and
 --bandwidth_tbs. The roofline reads the weights once per new token, i.e. all prompts in one batch: hence the default
 --batch_size 200 (the search's own default is as many prompts as half the GPU's free memory holds by
-evaluate._row_bytes' estimate, about 63 MiB a row for this shape: all 200 on an H100/H200). Target: within 2x
+generation._row_bytes' estimate, about 63 MiB a row for this shape: all 200 on an H100/H200). Target: within 2x
 of the roofline. Meant to finish in under 5 minutes on an H100/H200 as one command (it prints its total time);
 not yet run on a GPU.
 

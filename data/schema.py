@@ -27,8 +27,11 @@ model is loaded.
 import json
 import os
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
+
+from data.prompts import abstain_prompts, multiple_choice_prompts, plain_prompts, question_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = "data/eval"
@@ -48,36 +51,63 @@ MC, EM, PROMPT = "multiple choice", "exact match", "prompt-only"
 
 @dataclass(frozen=True)
 class EvalType:
-    """One row of EVAL_TYPES: what an objective needs and how its results are read."""
-    items: str | None          # item kind its dataset must hold (MC, EM, PROMPT); None: multitask (a domain)
+    """One row of EVAL_TYPES: everything about an objective, declared together so that validation, the generation
+    budget, the prompt-length check, scoring and the ensembles cannot drift apart."""
+    items: str | None          # item kind its dataset must hold (MC, EM, PROMPT); None: no data file of its own
     metric: str                # what the utility is, for -h
     help: str                  # one line for -h
+    scorer: str                # its function in evaluate.py, by name (evaluate imports torch, -h must not):
+                               # scorer(model, tokenizer, data) -> Scored, data one split (data/prompts.py);
+                               # without items: scorer(model, tokenizer, dataset, split, only_one_or_two)
+    prompts: Callable | None = None  # builder of the prompt texts it generates from (data/prompts.py), which
+                                     # check_prompt_lengths measures; None: it builds none (multitask: its parts')
+    chat: bool = False         # prompts are sent as one user turn through the tokenizer's chat template
+    max_new_tokens: int | None = None  # tokens generated after each prompt (--max_new_tokens overrides);
+                                       # None: sized from the gold answers (evaluate.exact_match_budget)
+    generations: int = 1       # generations per item, each after the last (AbstainQA answers, then judges it)
     vote: bool = False         # items have gold answers: top-k ensembles (final_metrics.json) vote on predictions;
                                # otherwise they average per-item scores
     published_vote: bool = False  # the published whole-population ensemble votes (else averages scores)
-    credentials: tuple = ()    # environment variables it needs (checked before a search starts)
+    credentials: dict = field(default_factory=dict)  # environment variable -> what it holds and where to get it,
+                                                     # checked before a search starts
+
+    def __post_init__(self):
+        if self.items == PROMPT and self.prompts is not None and self.max_new_tokens is None:
+            raise ValueError(f"{self.help!r}: prompt-only items have no gold answers to size the generation from; "
+                             f"give the row a max_new_tokens")
 
 
-# The evaluation types: search.py's -e choices and help, data validation (ITEM_KIND) and the ensembles derive from
-# this table; evaluate.score() has one `elif eval_type == ...` branch per row.
+# The evaluation types: search.py's -e choices and help, data validation (ITEM_KIND), the prompt-length check, the
+# generation budgets, evaluate.score()'s dispatch, the credentials check and the ensembles all read this table.
+_REWARD_MODEL_ROW = dict(prompts=plain_prompts, chat=True, max_new_tokens=200, scorer="score_reward_model")
 EVAL_TYPES = {
-    "multiple_choice": EvalType(MC, "accuracy", "pick an option letter", vote=True, published_vote=True),
-    "exact_match": EvalType(EM, "accuracy", "generate the answer", vote=True),
+    "multiple_choice": EvalType(MC, "accuracy", "pick an option letter", "score_multiple_choice",
+                                multiple_choice_prompts, max_new_tokens=10, vote=True, published_vote=True),
+    "exact_match": EvalType(EM, "accuracy", "generate the answer", "score_exact_match", question_prompts,
+                            vote=True),
     "multitask": EvalType(None, "harmonic mean of the two accuracies",
-                          "a domain of two datasets, -d DOMAIN, --only_one_or_two picks one", published_vote=True),
+                          "a domain of two datasets, -d DOMAIN, --only_one_or_two picks one", "score_multitask",
+                          published_vote=True),
     "AbstainQA": EvalType(MC, "effective reliability", "multiple choice where the model may abstain",
-                          vote=True, published_vote=True),
+                          "score_abstain", abstain_prompts, max_new_tokens=10, generations=2, vote=True,
+                          published_vote=True),
     "external_api": EvalType(PROMPT, "1 - toxicity", "continuations scored by the Perspective API",
-                             credentials=("PERSPECTIVE_API_KEY",)),
-    "rm_default": EvalType(PROMPT, "reward", "chat replies scored by the --reward_model"),
-    "rm_verbose": EvalType(PROMPT, "mean of sigmoid(reward) and length", "reward model, longer replies preferred"),
-    "rm_concise": EvalType(PROMPT, "mean of sigmoid(reward) and brevity", "reward model, shorter replies preferred"),
+                             "score_external_api", plain_prompts, max_new_tokens=20, credentials={
+                                 "PERSPECTIVE_API_KEY": "a Perspective API key "
+                                                        "(https://developers.perspectiveapi.com/s/docs-get-started)"}),
+    "rm_default": EvalType(PROMPT, "reward", "chat replies scored by the --reward_model", **_REWARD_MODEL_ROW),
+    "rm_verbose": EvalType(PROMPT, "mean of sigmoid(reward) and length", "reward model, longer replies preferred",
+                           **_REWARD_MODEL_ROW),
+    "rm_concise": EvalType(PROMPT, "mean of sigmoid(reward) and brevity", "reward model, shorter replies preferred",
+                           **_REWARD_MODEL_ROW),
     "human": EvalType(PROMPT, "judge rating 1..10", "chat replies rated by a Gemini judge on Vertex AI",
-                      credentials=("GOOGLE_CLOUD_PROJECT",)),
-    # no data/eval file: lm-eval loads the tasks named by --lm_eval_tasks (harness.py); golds are given, and the
-    # top-k ensembles vote, only where the tasks' metric is per-item accuracy
+                      "score_human", plain_prompts, chat=True, max_new_tokens=512, credentials={
+                          "GOOGLE_CLOUD_PROJECT": "a Google Cloud project for the Gemini judge on Vertex AI "
+                                                  "(GOOGLE_CLOUD_LOCATION optional, default us-central1)"}),
+    # no data/eval file: lm-eval loads the tasks named by --lm_eval_tasks and builds their prompts (harness.py);
+    # golds are given, and the top-k ensembles vote, only where the tasks' metric is per-item accuracy
     "lm_eval": EvalType(None, "mean of the tasks' primary metrics (lower-is-better ones negated)",
-                        "lm-evaluation-harness tasks, --lm_eval_tasks T1,T2 (no -d)", vote=True),
+                        "lm-evaluation-harness tasks, --lm_eval_tasks T1,T2 (no -d)", "score_lm_eval", vote=True),
 }
 ITEM_KIND = {name: row.items for name, row in EVAL_TYPES.items() if row.items is not None}
 KIND_KEYS = {MC: ("question", "choices", "answer"), EM: ("question", "answer"), PROMPT: ("prompt",)}

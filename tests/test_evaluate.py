@@ -6,9 +6,11 @@ googleapiclient, a fake Gemini client class); everything of ours runs for real.
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import evaluate as ev  # noqa: E402
+import generation as gen  # noqa: E402
+import services  # noqa: E402
 from data import tiny_demo  # noqa: E402
 
 torch.set_num_threads(1)
@@ -63,8 +67,8 @@ def options(data_dir, tiny):
     ev.configure(reset=True, data_dir=str(data_dir), reward_model=str(tiny.reward), api_backoff_s=0.0,
                  perspective_qps=1000.0, judge_qps=1000.0)
     yield
-    ev.PERSPECTIVE_HTTP = None
-    ev.JUDGE_MODEL_FACTORY = None
+    services.PERSPECTIVE_HTTP = None
+    services.JUDGE_MODEL_FACTORY = None
     ev.configure(reset=True)
 
 
@@ -112,19 +116,19 @@ def test_greedy_loop_gives_the_tokens_of_generate(tiny, experts, data):
     generate() with do_sample=False, for every tiny expert and a mixed merge of them, on batches whose rows end at
     different steps."""
     host = ev.get_host(str(tiny.base), "cpu")
-    assert ev._plain_decoder(host.model) and ev._layers_take_holes(host.model)
+    assert gen._plain_decoder(host.model) and gen._layers_take_holes(host.model)
     demo = json.loads((Path(data) / "tiny_demo.json").read_text())
     ids = ev.encode(host.tokenizer, [item["question"] for item in demo["dev"][:300]])
     # the demo's prompts share their first words ("fst 9 ..."): the prefill runs in several levels
-    assert len(ev._prefix_levels(ids, host.tokenizer.pad_token_id)) > 1
+    assert len(gen._prefix_levels(ids, host.tokenizer.pad_token_id)) > 1
     from safetensors.torch import load_file
     merged = {k: sum(load_file(str(e / "adapter_model.safetensors"))[k] for e in experts[:3]) / 3
               for k in load_file(str(experts[0] / "adapter_model.safetensors"))}
     ended_early = False
     for candidate in [*experts, merged]:
         model = host.load(candidate)
-        greedy = ev._greedy_decode(model, ids, 8, host.tokenizer.pad_token_id, [2], 1)
-        reference = ev._generate_decode(model, ids, 8, host.tokenizer.pad_token_id, [2], 1)
+        greedy = gen._greedy_decode(model, ids, 8, host.tokenizer.pad_token_id, [2], 1)
+        reference = gen._generate_decode(model, ids, 8, host.tokenizer.pad_token_id, [2], 1)
         assert torch.equal(greedy, reference), candidate if not isinstance(candidate, dict) else "merge"
         ended_early |= greedy.shape[1] < 8
     assert ended_early, "the tiny experts answer one digit and stop: decoding should end before the budget"
@@ -141,17 +145,17 @@ def test_shared_prefix_prefill_on_ragged_rows(tiny, experts):
     words = ev.encode(host.tokenizer, [f"{a} {b} =" for a in range(10) for b in range(6)], add_special_tokens=False)
     rows = [stem[:-2] + w for w in words] + [stem[:9] + w for w in words[:30]]
     rows += [stem, stem[:-3], rows[0], stem[:1], stem[:3]]
-    levels = ev._prefix_levels(list(dict.fromkeys(map(tuple, rows))), pad)
+    levels = gen._prefix_levels(list(dict.fromkeys(map(tuple, rows))), pad)
     assert len(levels) >= 3 and sum(level[0].numel() for level in levels) < 0.6 * sum(map(len, rows))
 
     distinct = list(dict.fromkeys(map(tuple, rows)))
     with torch.inference_mode():
-        shared = ev._prefill(model, levels)[0]
+        shared = gen._prefill(model, levels)[0]
         for j, row in enumerate(distinct):
             alone = model(input_ids=torch.tensor([row])).logits[0, -1]
             torch.testing.assert_close(shared[j], alone, rtol=1e-4, atol=1e-4)
-    greedy = ev._greedy_decode(model, rows, 6, pad, [2], 1)
-    reference = ev._generate_decode(model, rows, 6, pad, [2], 1)
+    greedy = gen._greedy_decode(model, rows, 6, pad, [2], 1)
+    reference = gen._generate_decode(model, rows, 6, pad, [2], 1)
     assert greedy.shape[0] == len(rows) and torch.equal(greedy, reference)
 
 
@@ -162,38 +166,38 @@ def test_prefix_levels_only_where_sharing_pays(tiny):
     pad = tok.pad_token_id
     plain = ev.encode(tok, [f"{w} {a} {b} =" for w in ("fst", "snd", "max", "min", "sum") for a in range(3)
                             for b in range(2)])
-    (only,) = ev._prefix_levels(plain, pad)
-    ids, mask = ev._left_pad(plain, pad, "cpu")
+    (only,) = gen._prefix_levels(plain, pad)
+    ids, mask = gen._left_pad(plain, pad, "cpu")
     assert torch.equal(only[0], ids) and torch.equal(only[1], mask) and only[3] is None
     assert torch.equal(only[2], (mask.cumsum(-1) - 1).clamp(min=0))
     instructed = ev.encode(tok, ["answer the question with one digit and nothing else: " + p for p in
                                  [f"{w} {a} {b} =" for w in ("fst", "snd", "max") for a in range(10) for b in range(4)]])
-    levels = ev._prefix_levels(instructed, pad)
+    levels = gen._prefix_levels(instructed, pad)
     assert levels[0][0].shape[0] == 1 and levels[0][0].shape[1] >= 50, "the instruction is one row of the first level"
-    assert ev._prefix_levels(instructed, pad, shared=False)[0][0].shape[0] == len(instructed)
+    assert gen._prefix_levels(instructed, pad, shared=False)[0][0].shape[0] == len(instructed)
 
 
 def test_automatic_batch_size_is_bounded_by_memory_and_overridden(tiny, monkeypatch):
     """Without --batch_size a batch holds as many rows as a share of the free memory allows (all of them here);
     --batch_size overrides it; little free memory means smaller batches, never fewer than one row."""
-    monkeypatch.setattr(ev, "_OOM_CAP", {})
+    monkeypatch.setattr(gen, "_OOM_CAP", {})
     model = ev.get_host(str(tiny.base), "cpu").model
-    row = ev._row_bytes(model, 40, 10)
+    row = gen._row_bytes(model, 40, 10)
     config = model.config
     assert row >= 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 50 * 4
-    assert ev._rows_that_fit(model, 100, 40, 10) == 100
+    assert gen._rows_that_fit(model, 100, 40, 10) == 100
     sizes = []
-    ev._in_batches(model, 100, list(range(100)), None, lambda chunk: sizes.append(len(chunk)),
-                   fits=ev._rows_that_fit(model, 100, 40, 10))
+    gen._in_batches(model, 100, list(range(100)), None, lambda chunk: sizes.append(len(chunk)),
+                   fits=gen._rows_that_fit(model, 100, 40, 10))
     assert sizes == [100]
     ev.configure(batch_size=32)
     sizes.clear()
-    ev._in_batches(model, 100, list(range(100)), None, lambda chunk: sizes.append(len(chunk)), fits=100)
+    gen._in_batches(model, 100, list(range(100)), None, lambda chunk: sizes.append(len(chunk)), fits=100)
     assert sizes == [32, 32, 32, 4]
-    monkeypatch.setattr(ev, "_free_memory", lambda device: 10 * row)
-    assert ev._rows_that_fit(model, 100, 40, 10) == 2   # a quarter of 10 rows' memory on CPU
-    monkeypatch.setattr(ev, "_free_memory", lambda device: 0)
-    assert ev._rows_that_fit(model, 100, 40, 10) == 1
+    monkeypatch.setattr(gen, "_free_memory", lambda device: 10 * row)
+    assert gen._rows_that_fit(model, 100, 40, 10) == 2   # a quarter of 10 rows' memory on CPU
+    monkeypatch.setattr(gen, "_free_memory", lambda device: 0)
+    assert gen._rows_that_fit(model, 100, 40, 10) == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,8 +228,8 @@ def test_hot_swap_matches_first_evaluation_and_fresh_peft_model(tiny, experts, d
 
     base = AutoModelForCausalLM.from_pretrained(str(tiny.base), dtype=torch.float32)
     fresh = PeftModel.from_pretrained(base, str(x)).eval()
-    data = {"items": json.loads((data_dir / "tiny_demo.json").read_text())["dev"]}
-    result = ev.score_exact_match(fresh, ev.get_host(str(tiny.base), "cpu").tokenizer, data, "tiny_demo")
+    data = ev.split_data(json.loads((data_dir / "tiny_demo.json").read_text()), "dev", "tiny_demo", "exact_match")
+    result = ev.score_exact_match(fresh, ev.get_host(str(tiny.base), "cpu").tokenizer, data)
     assert result.utility == u and result.preds == first_preds
 
 
@@ -579,7 +583,7 @@ class FakePerspectiveHttp:
 def test_external_api_perspective_requests(tiny, experts, monkeypatch):
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
     http = FakePerspectiveHttp(fail_first=2)
-    ev.PERSPECTIVE_HTTP = http
+    services.PERSPECTIVE_HTTP = http
     u, d = _eval_details(str(experts[0]), "external_api", "tiny_rm", tiny)
     texts = [o.split("\n", 1)[0].strip() for o in d["preds"]]
     scored = [t for t in texts if t]
@@ -596,7 +600,7 @@ def test_external_api_perspective_requests(tiny, experts, monkeypatch):
 def test_external_api_gives_up_with_one_line(tiny, experts, monkeypatch):
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
     ev.configure(api_retries=1)
-    ev.PERSPECTIVE_HTTP = FakePerspectiveHttp(fail_first=100, status=503)
+    services.PERSPECTIVE_HTTP = FakePerspectiveHttp(fail_first=100, status=503)
     with pytest.raises(ev.EvalError, match="Perspective API request failed: HTTP 503"):
         _eval(str(experts[0]), "external_api", "tiny_rm", tiny)
 
@@ -688,7 +692,7 @@ class FakeGemini:
 def test_human_gemini_judge(tiny, experts, data_dir, monkeypatch):
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-project")
     FakeGemini.instances.clear()
-    ev.JUDGE_MODEL_FACTORY = FakeGemini
+    services.JUDGE_MODEL_FACTORY = FakeGemini
     ev.configure(max_new_tokens=10, judge_model="gemini-test")
     u, d = _eval_details(str(experts[0]), "human", "tiny_human", tiny)
     judge = FakeGemini.instances[-1]
@@ -702,9 +706,9 @@ def test_human_gemini_judge(tiny, experts, data_dir, monkeypatch):
 
 
 def test_parse_rating():
-    assert ev.parse_rating("Rating: 7/10 because") == 7
-    assert ev.parse_rating("**Rating:** 12/10") == 10
-    assert ev.parse_rating("Rating: 0/10") == 1 and ev.parse_rating("seven") is None
+    assert services.parse_rating("Rating: 7/10 because") == 7
+    assert services.parse_rating("**Rating:** 12/10") == 10
+    assert services.parse_rating("Rating: 0/10") == 1 and services.parse_rating("seven") is None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -765,8 +769,8 @@ def test_every_objective_on_test_split(tiny, experts, monkeypatch, tmp_path):
     candidate = shutil.copytree(experts[0], tmp_path / experts[0].name)
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "k")
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "p")
-    ev.PERSPECTIVE_HTTP = FakePerspectiveHttp()
-    ev.JUDGE_MODEL_FACTORY = FakeGemini
+    services.PERSPECTIVE_HTTP = FakePerspectiveHttp()
+    services.JUDGE_MODEL_FACTORY = FakeGemini
     ev.configure(max_new_tokens=8)
     for eval_type, dataset in [("multiple_choice", "tiny_mc"), ("exact_match", "tiny_demo"),
                                ("multitask", "tiny_domain"), ("AbstainQA", "tiny_mc"),
@@ -782,16 +786,12 @@ def test_every_objective_on_test_split(tiny, experts, monkeypatch, tmp_path):
 
 
 def _readme_recipe():
-    """(row, branch) of the evaluation recipe in docs/extending.md: its two python blocks, as a user would copy
-    them."""
+    """(entry, scorer) of the evaluation recipe in docs/extending.md: its two python blocks, as a user would copy
+    them (the entry indented as the other entries of EVAL_TYPES, the scorer at the top level)."""
     readme = (REPO / "docs" / "extending.md").read_text()
-    section = readme[readme.index("- **Evaluation**: one row and one branch"):]
-    blocks = []
-    for block in section.split("```python\n")[1:3]:
-        lines = block[:block.index("```")].splitlines()
-        indent = min(len(line) - len(line.lstrip()) for line in lines if line.strip()) - 4
-        blocks.append("".join(line[indent:] + "\n" for line in lines))  # the list's indent off, code's kept
-    return blocks
+    section = readme[readme.index("- **Evaluation**: one entry and its scorer"):]
+    entry, scorer = (textwrap.dedent(block[:block.index("```")]) for block in section.split("```python\n")[1:3])
+    return textwrap.indent(entry, "    "), scorer
 
 
 def _insert_before(path, after, stop, text):
@@ -803,28 +803,41 @@ def _insert_before(path, after, stop, text):
 
 
 def test_readme_recipe_adds_an_eval_type(tiny, experts, data_dir, tmp_path):
-    """The README's recipe applied to a copy of the repository's code: the row at the end of EVAL_TYPES, the branch
-    above score()'s final `else:`; then search.py runs the new objective end to end."""
-    row, branch = _readme_recipe()
-    assert 'EvalType(' in row and 'elif eval_type == "keyword":' in branch
+    """The recipe applied to a copy of the repository's code: the entry at the end of EVAL_TYPES, the scorer at the
+    end of evaluate.py; then search.py validates the new type's data, checks its prompts' lengths and runs it end to
+    end."""
+    entry, scorer = _readme_recipe()
+    assert 'EvalType(' in entry and scorer.startswith("def score_keyword(")
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)
     for source in list(REPO.glob("*.py")) + list((REPO / "data").glob("*.py")):
         shutil.copy(source, repo / source.relative_to(REPO))
-    _insert_before(repo / "data" / "schema.py", "EVAL_TYPES = {", "}", row)
-    _insert_before(repo / "evaluate.py", "def score(", "    else:", branch)
+    _insert_before(repo / "data" / "schema.py", "EVAL_TYPES = {", "}", entry)
+    with open(repo / "evaluate.py", "a") as f:
+        f.write("\n\n" + scorer)
 
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     help_text = subprocess.run([sys.executable, "search.py", "-h"], cwd=repo, env=env, capture_output=True,
                                text=True, check=True).stdout
     assert "keyword (the gold answer appears in the output" in " ".join(help_text.split())
-    common = ["-g", "cpu", "-i", str(tiny.experts), "-b", str(tiny.base), "--data_dir", str(data_dir),
-              "--output_root", str(tmp_path / "out"), "--seed", "3"]
+    run_args = ["-g", "cpu", "-i", str(tiny.experts), "-b", str(tiny.base), "--output_root", str(tmp_path / "out"),
+                "--seed", "3"]
+    common = [*run_args, "--data_dir", str(data_dir)]
     # validation reads the row: prompt-only items are refused for an exact-match kind, in one line
     refused = subprocess.run([sys.executable, "search.py", "-n", "kw", "-e", "keyword", "-d", "tiny_rm", *common],
                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "keyword needs exact match items" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    # the entry's prompts and max_new_tokens are length-checked: a question as long as the tiny model's context
+    long_dir = tmp_path / "long_data"
+    long_dir.mkdir()
+    _write(long_dir, "tiny_long", [{"question": "x" * 2040, "answer": "y"}], [{"question": "Q?", "answer": "y"}])
+    too_long = subprocess.run([sys.executable, "search.py", "-n", "kw", "-e", "keyword", "-d", "tiny_long",
+                               *run_args, "--data_dir", str(long_dir)],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert too_long.returncode == 2 and not (tmp_path / "out").exists(), too_long.stderr
+    assert re.search(r"dataset tiny_long \(dev split\) item 0: its prompt is \d+ tokens \+ 20 to generate, more than "
+                     r"the 2048 positions", too_long.stderr), too_long.stderr
 
     proc = subprocess.run([sys.executable, "search.py", "-n", "kw", "-e", "keyword", "-d", "tiny_demo", "-m", "1",
                            *common], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
@@ -843,7 +856,7 @@ def test_readme_recipe_adds_an_eval_type(tiny, experts, data_dir, tmp_path):
 def test_cuda_oom_halves_the_batch_and_retries(tiny, monkeypatch):
     """A CUDA OOM (raised here by the batch runner, as the device would) halves the batch; the smaller size is
     kept for later calls."""
-    monkeypatch.setattr(ev, "_OOM_CAP", {})
+    monkeypatch.setattr(gen, "_OOM_CAP", {})
     model = ev.get_host(str(tiny.base), "cpu").model
     seen = []
 
@@ -852,14 +865,14 @@ def test_cuda_oom_halves_the_batch_and_retries(tiny, monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory")
         seen.append(list(chunk))
 
-    ev._in_batches(model, 10, list(range(10)), 16, run)
+    gen._in_batches(model, 10, list(range(10)), 16, run)
     assert [i for c in seen for i in c] == list(range(10)) and max(map(len, seen)) == 2
-    assert ev._batch_size(None, torch.device("cpu")) == 2
+    assert gen._batch_size(None, torch.device("cpu")) == 2
 
     def always(chunk):
         raise torch.OutOfMemoryError("CUDA out of memory")
     with pytest.raises(ev.EvalError, match="even at batch size 1"):
-        ev._in_batches(model, 4, list(range(4)), 4, always)
+        gen._in_batches(model, 4, list(range(4)), 4, always)
 
 
 def test_multitask_unknown_domain(tiny):

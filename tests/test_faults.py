@@ -358,24 +358,26 @@ def test_table_of_bad_inputs_and_faults(tiny, data, finished, tmp_path):
 # --- 7. network clients: bounded time, then one line ------------------------------------------------------------
 
 @pytest.fixture
-def evaluate_module():
+def services_module():
+    """services.py (where the network boundary is read), with short timeouts; restored afterwards."""
     import evaluate
-    saved = evaluate.PERSPECTIVE_DISCOVERY_URL, evaluate.PERSPECTIVE_HTTP, evaluate.JUDGE_MODEL_FACTORY
+    import services
+    saved = services.PERSPECTIVE_DISCOVERY_URL, services.PERSPECTIVE_HTTP, services.JUDGE_MODEL_FACTORY
     evaluate.configure(api_timeout_s=1.0, api_retries=1, api_backoff_s=0.1)
-    yield evaluate
-    evaluate.PERSPECTIVE_DISCOVERY_URL, evaluate.PERSPECTIVE_HTTP, evaluate.JUDGE_MODEL_FACTORY = saved
-    evaluate._PERSPECTIVE_CLIENT.clear()
-    evaluate._JUDGES.clear()
+    yield services
+    services.PERSPECTIVE_DISCOVERY_URL, services.PERSPECTIVE_HTTP, services.JUDGE_MODEL_FACTORY = saved
+    services._PERSPECTIVE_CLIENT.clear()
+    services._JUDGES.clear()
     evaluate.configure(reset=True)
 
 
-def test_perspective_without_an_answering_network_fails_in_bounded_time(evaluate_module, monkeypatch):
+def test_perspective_without_an_answering_network_fails_in_bounded_time(services_module, monkeypatch):
     server = listening_socket()  # connections are accepted by the kernel and then nothing is ever answered
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "fake-key")
-    evaluate_module.PERSPECTIVE_HTTP = None  # the real httplib2 client, as in production
-    evaluate_module.PERSPECTIVE_DISCOVERY_URL = f"http://127.0.0.1:{server.getsockname()[1]}/$discovery/rest"
-    with pytest.raises(evaluate_module.EvalError, match="Perspective API unreachable") as error:
-        evaluate_module.perspective_client()
+    services_module.PERSPECTIVE_HTTP = None  # the real httplib2 client, as in production
+    services_module.PERSPECTIVE_DISCOVERY_URL = f"http://127.0.0.1:{server.getsockname()[1]}/$discovery/rest"
+    with pytest.raises(services_module.EvalError, match="Perspective API unreachable") as error:
+        services_module.perspective_client()
     assert "\n" not in str(error.value)
     server.close()
 
@@ -390,10 +392,10 @@ class SilentGemini:
         time.sleep(3600)
 
 
-def test_vertex_judge_without_an_answer_fails_in_bounded_time(evaluate_module):
-    evaluate_module.JUDGE_MODEL_FACTORY = SilentGemini
-    with pytest.raises(evaluate_module.EvalError, match="no answer within 1 s"):
-        evaluate_module.judge("prompt", "response")
+def test_vertex_judge_without_an_answer_fails_in_bounded_time(services_module):
+    services_module.JUDGE_MODEL_FACTORY = SilentGemini
+    with pytest.raises(services_module.EvalError, match="no answer within 1 s"):
+        services_module.judge("prompt", "response")
 
 
 def test_wandb_key_without_network_falls_back_to_offline(tiny, data, tmp_path):

@@ -209,14 +209,15 @@ def evaluator(trimmed, monkeypatch):
     """evaluate.py in this process, reading the trimmed files, with Perspective and Vertex AI faked at the network
     boundary (the fakes of test_evaluate.py); its options restored afterwards."""
     import evaluate as ev
+    import services
     from test_evaluate import FakeGemini, FakePerspectiveHttp
     monkeypatch.setenv("PERSPECTIVE_API_KEY", "test-key")
     monkeypatch.setenv("GOOGLE_CLOUD_PROJECT", "test-project")
     ev.configure(reset=True, data_dir=str(trimmed), reward_model=str(TINY_REWARD), max_new_tokens=8,
                  api_backoff_s=0.0, perspective_qps=1000.0, judge_qps=1000.0)
-    ev.PERSPECTIVE_HTTP, ev.JUDGE_MODEL_FACTORY = FakePerspectiveHttp(), FakeGemini
+    services.PERSPECTIVE_HTTP, services.JUDGE_MODEL_FACTORY = FakePerspectiveHttp(), FakeGemini
     yield ev
-    ev.PERSPECTIVE_HTTP = ev.JUDGE_MODEL_FACTORY = None
+    services.PERSPECTIVE_HTTP = services.JUDGE_MODEL_FACTORY = None
     ev.configure(reset=True)
 
 
