@@ -79,6 +79,14 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(description="BWR_model: search over merges of LoRA experts with the Best-Worst-Random algorithm.",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_search_flags(p)
+    add_merge_and_evaluation_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_search_flags(p):
+    """The search: its name, objective and experts, when it stops, the step length, restarts, what it records."""
     a = p.add_argument
     a("-n", "--name", help="search name; outputs go to search/<name>_<hostname>[_<time>]/")
     a("-e", "--eval_type", help="objective, one of: " + "; ".join(
@@ -124,6 +132,11 @@ def build_parser():
            "rewritten each iteration)")
     a("--dropK", type=float, default=0.0, help="probability of skipping a whole iteration's updates and evaluations")
     a("--dropN", type=float, default=0.0, help="probability of skipping one candidate's update and evaluation")
+
+
+def add_merge_and_evaluation_flags(p):
+    """How members are merged and moved (the merge method, the optimizer and its rule) and how they are scored."""
+    a = p.add_argument
     a("--merge_method", default="weighted_average", choices=list(merge.MERGE_METHODS), metavar="METHOD",
       help=merge.methods_help())
     a("--merge_params", default=None, help=merge.params_help())
@@ -162,6 +175,11 @@ def build_parser():
     a("--judge_model", default="gemini-1.5-flash", help="Gemini model of the 'human' objective (Vertex AI)")
     a("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
       help="model dtype (default: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
+
+
+def add_run_flags(p):
+    """Where and how the work runs: workers and backend, folders, resume."""
+    a = p.add_argument
     a("--num_cpu_workers", type=int, default=1, help="number of worker processes with -g cpu")
     a("--backend", default="local", choices=["local", "ray"], help="run workers as local processes or Ray actors")
     a("--ray_address", default=None, help="Ray cluster address (default: start or join a local Ray instance)")
@@ -171,7 +189,6 @@ def build_parser():
     a("--lock_wait", type=float, default=0.0, metavar="SECONDS",
       help="--resume of a directory another search.py still holds: wait up to this long for it to end (a "
            "scheduler's requeue) instead of refusing at once")
-    return p
 
 
 # search names become folder names (with _<hostname>_<time> appended, 255 bytes at most) and appear in shell
@@ -257,20 +274,7 @@ def validate_args(args, start_workers=None):
         value = getattr(args, flag)
         if not ok(value):
             raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
-    if args.minimum_step_length > args.step_length:
-        raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
-    if args.populate_initial_experts and args.initial_experts_num is None:
-        raise UsageError("--populate_initial_experts 1 needs --initial_experts_num N, the population size to fill up "
-                         "to (the published scripts use 20)")
-    for flag in ("name", "eval_type") + (() if args.eval_type == "lm_eval" else ("dataset",)):
-        if not getattr(args, flag):
-            raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
-    if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
-        raise UsageError(f"--name {args.name!r} must be a plain name without path separators")
-    if not NAME_PATTERN.fullmatch(args.name):
-        shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
-        raise UsageError(f"--name {shown} is not a usable folder name: use at most "
-                         f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+    check_search_flags(args)
     from data.schema import DataError, load_eval_data
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
@@ -293,13 +297,7 @@ def validate_args(args, start_workers=None):
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
     experts, ignored = find_experts(args.initial_expert_directory, args.fast_merge)
-    base_index = merge_params.get("base_model_idx")
-    if base_index is not None and base_index >= len(experts):
-        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
-                         f"{len(experts)} experts (valid: 0..{len(experts) - 1})")
-    if args.rule == "published_code" and base_index is not None and base_index > 1:
-        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range for --rule published_code, "
-                         f"whose merges have two inputs first (best, random; worst, random): use 0 or 1")
+    check_base_model_idx(args, merge_params, len(experts))
     if start_workers is not None:
         start_workers(devices, merge_params)
     check_experts(experts, args.base_model, args.fast_merge, args.trust_remote_code)
@@ -318,6 +316,35 @@ def validate_args(args, start_workers=None):
         raise UsageError(f"--max_evaluations {args.max_evaluations} is smaller than the initial population's {size} "
                          f"evaluations: give at least {size}")
     return Setup(tuple(devices), merge_params, tuple(experts), tuple(ignored), wandb_mode, wandb_note, tuple(notes))
+
+
+def check_search_flags(args):
+    """The search's own flags against each other: step lengths, population size, the required flags, the name."""
+    if args.minimum_step_length > args.step_length:
+        raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
+    if args.populate_initial_experts and args.initial_experts_num is None:
+        raise UsageError("--populate_initial_experts 1 needs --initial_experts_num N, the population size to fill up "
+                         "to (the published scripts use 20)")
+    for flag in ("name", "eval_type") + (() if args.eval_type == "lm_eval" else ("dataset",)):
+        if not getattr(args, flag):
+            raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
+    if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
+        raise UsageError(f"--name {args.name!r} must be a plain name without path separators")
+    if not NAME_PATTERN.fullmatch(args.name):
+        shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
+        raise UsageError(f"--name {shown} is not a usable folder name: use at most "
+                         f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+
+
+def check_base_model_idx(args, merge_params, n_experts):
+    """--merge_params base_model_idx names an expert (with --rule published_code, one of a merge's two first)."""
+    base_index = merge_params.get("base_model_idx")
+    if base_index is not None and base_index >= n_experts:
+        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
+                         f"{n_experts} experts (valid: 0..{n_experts - 1})")
+    if args.rule == "published_code" and base_index is not None and base_index > 1:
+        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range for --rule published_code, "
+                         f"whose merges have two inputs first (best, random; worst, random): use 0 or 1")
 
 
 def check_lm_eval_flags(args):
@@ -1918,6 +1945,38 @@ def tidy(directory):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
+def end_after_fault(error, search, directory, fresh):
+    """After a signal or a fault in a running search: close it, then either remove a fresh directory that holds
+    nothing worth resuming, or tidy the directory for --resume; one line on stderr. Returns the exit status."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    signum = INTERRUPTS.received or signal.SIGINT
+    what = f"interrupted ({signal.Signals(signum).name})" if interrupted else f"error: {describe_fault(error)}"
+    with INTERRUPTS:  # a second Ctrl-C must not cut the tidying short
+        if search is not None:
+            try:
+                search.close()
+            except Exception:  # noqa: BLE001 - the first fault is the one to report
+                pass
+        if directory is None or (not os.path.exists(os.path.join(directory, "state.json"))
+                                 and (fresh or search is None)):
+            # nothing worth resuming was written: leave no half-made search directory behind
+            if fresh and directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            print(f"search.py: {what} (before the first candidates were saved"
+                  + (f"; {directory} removed)" if fresh and directory else ")"), file=sys.stderr)
+        else:
+            tidy(directory)
+            hint = f"state saved. Resume with: python search.py --resume {directory}"
+            try:
+                search.log(what)
+                search.log(hint)
+            except (OSError, AttributeError):
+                pass
+            print(f"search.py: {what}; {hint}", file=sys.stderr)
+        INTERRUPTS.held = None
+    return 128 + signum if interrupted else 1
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     INTERRUPTS.install()
@@ -1952,33 +2011,7 @@ def main(argv=None):
         search.run()
         return 0
     except (KeyboardInterrupt, WorkerError, merge.MergeError, OSError) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        signum = INTERRUPTS.received or signal.SIGINT
-        what = f"interrupted ({signal.Signals(signum).name})" if interrupted else f"error: {describe_fault(e)}"
-        with INTERRUPTS:  # a second Ctrl-C must not cut the tidying short
-            if search is not None:
-                try:
-                    search.close()
-                except Exception:  # noqa: BLE001 - the first fault is the one to report
-                    pass
-            if directory is None or (not os.path.exists(os.path.join(directory, "state.json"))
-                                     and (fresh or search is None)):
-                # nothing worth resuming was written: leave no half-made search directory behind
-                if fresh and directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-                print(f"search.py: {what} (before the first candidates were saved"
-                      + (f"; {directory} removed)" if fresh and directory else ")"), file=sys.stderr)
-            else:
-                tidy(directory)
-                hint = f"state saved. Resume with: python search.py --resume {directory}"
-                try:
-                    search.log(what)
-                    search.log(hint)
-                except (OSError, AttributeError):
-                    pass
-                print(f"search.py: {what}; {hint}", file=sys.stderr)
-            INTERRUPTS.held = None
-        return 128 + signum if interrupted else 1
+        return end_after_fault(e, search, directory, fresh)
     finally:
         if search is not None:
             search.close()
