@@ -76,15 +76,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python search.py -h)")
 
 
-def build_parser():
-    p = _Parser(description="BWR_model: search over merges of LoRA experts with the Best-Worst-Random algorithm.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_search_flags(p)
-    add_merge_and_evaluation_flags(p)
-    add_run_flags(p)
-    return p
-
-
 def add_search_flags(p):
     """The search: its name, objective and experts, when it stops, the step length, restarts, what it records."""
     a = p.add_argument
@@ -177,9 +168,12 @@ def add_merge_and_evaluation_flags(p):
       help="model dtype (default: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
 
 
-def add_run_flags(p):
-    """Where and how the work runs: workers and backend, folders, resume."""
-    a = p.add_argument
+def build_parser():
+    p = _Parser(description="BWR_model: search over merges of LoRA experts with the Best-Worst-Random algorithm.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_search_flags(p)
+    add_merge_and_evaluation_flags(p)
+    a = p.add_argument  # where and how the work runs: workers and backend, folders, resume
     a("--num_cpu_workers", type=int, default=1, help="number of worker processes with -g cpu")
     a("--backend", default="local", choices=["local", "ray"], help="run workers as local processes or Ray actors")
     a("--ray_address", default=None, help="Ray cluster address (default: start or join a local Ray instance)")
@@ -189,6 +183,7 @@ def add_run_flags(p):
     a("--lock_wait", type=float, default=0.0, metavar="SECONDS",
       help="--resume of a directory another search.py still holds: wait up to this long for it to end (a "
            "scheduler's requeue) instead of refusing at once")
+    return p
 
 
 # search names become folder names (with _<hostname>_<time> appended, 255 bytes at most) and appear in shell
@@ -266,15 +261,7 @@ def validate_args(args, start_workers=None):
     load the base model meanwhile (a few seconds here; minutes for a 7B model)."""
     # the device check comes first: on a machine without GPUs the GPU starter scripts stop at once
     devices = parse_devices(args.gpus, args.num_cpu_workers, args.backend)
-    if args.backend == "ray":
-        import importlib.util
-        if importlib.util.find_spec("ray") is None:
-            raise UsageError("--backend ray needs Ray: pip install 'ray[default]' (see requirements.txt)")
-    for flag, ok, valid in NUMERIC_RULES:
-        value = getattr(args, flag)
-        if not ok(value):
-            raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
-    check_search_flags(args)
+    check_flags(args)
     from data.schema import DataError, load_eval_data
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
@@ -297,7 +284,13 @@ def validate_args(args, start_workers=None):
     except evaluate.EvalError as e:
         raise UsageError(str(e)) from None
     experts, ignored = find_experts(args.initial_expert_directory, args.fast_merge)
-    check_base_model_idx(args, merge_params, len(experts))
+    base_index = merge_params.get("base_model_idx")
+    if base_index is not None and base_index >= len(experts):
+        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
+                         f"{len(experts)} experts (valid: 0..{len(experts) - 1})")
+    if args.rule == "published_code" and base_index is not None and base_index > 1:
+        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range for --rule published_code, "
+                         f"whose merges have two inputs first (best, random; worst, random): use 0 or 1")
     if start_workers is not None:
         start_workers(devices, merge_params)
     check_experts(experts, args.base_model, args.fast_merge, args.trust_remote_code)
@@ -318,8 +311,17 @@ def validate_args(args, start_workers=None):
     return Setup(tuple(devices), merge_params, tuple(experts), tuple(ignored), wandb_mode, wandb_note, tuple(notes))
 
 
-def check_search_flags(args):
-    """The search's own flags against each other: step lengths, population size, the required flags, the name."""
+def check_flags(args):
+    """What the flags say on their own: Ray installed for --backend ray, each number in its range, step lengths and
+    population size consistent, the required flags given, a usable name."""
+    if args.backend == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--backend ray needs Ray: pip install 'ray[default]' (see requirements.txt)")
+    for flag, ok, valid in NUMERIC_RULES:
+        value = getattr(args, flag)
+        if not ok(value):
+            raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
     if args.minimum_step_length > args.step_length:
         raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
     if args.populate_initial_experts and args.initial_experts_num is None:
@@ -334,17 +336,6 @@ def check_search_flags(args):
         shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
         raise UsageError(f"--name {shown} is not a usable folder name: use at most "
                          f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
-
-
-def check_base_model_idx(args, merge_params, n_experts):
-    """--merge_params base_model_idx names an expert (with --rule published_code, one of a merge's two first)."""
-    base_index = merge_params.get("base_model_idx")
-    if base_index is not None and base_index >= n_experts:
-        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range: there are "
-                         f"{n_experts} experts (valid: 0..{n_experts - 1})")
-    if args.rule == "published_code" and base_index is not None and base_index > 1:
-        raise UsageError(f"--merge_params base_model_idx {base_index} is out of range for --rule published_code, "
-                         f"whose merges have two inputs first (best, random; worst, random): use 0 or 1")
 
 
 def check_lm_eval_flags(args):
