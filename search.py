@@ -886,6 +886,8 @@ class Iteration:
 
 
 class Search:
+    """A search on its directory: run() = initialise (iteration 0), iterate until stop_reason, finish."""
+
     def __init__(self, args, setup, directory, args_sha256, state=None, pool=None):
         self.args = args
         self.setup = setup
@@ -1061,10 +1063,9 @@ class Search:
 
     def restart_strays(self, it):
         """Members without a personal improvement for restart_patience * patience iterations restart near the
-        population's best (the optimizer's restart: a crossover of the best and a random expert), kept only if
-        better than the member it would replace (the published loop compares a restart like any update): a restart
-        never erases a better record. It is staged beside this iteration's update and replaces it only once kept;
-        its version is the one after that update (a worker may hold the update as the member's current version)."""
+        population's best (bwr: a crossover of the best and a random expert), kept only if better than the member
+        (as the published loop compares any update): a restart never erases a better record. Staged beside this
+        iteration's update, it replaces it only once kept, as the version after it (a worker may hold the update)."""
         a, s = self.args, self.state
         n = len(s["candidates"])
         best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
