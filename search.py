@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 try:
     import bwr
@@ -76,9 +76,8 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python search.py -h)")
 
 
-def build_parser():
-    p = _Parser(description="BWR_model: search over merges of LoRA experts with the Best-Worst-Random algorithm.",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def add_search_flags(p):
+    """The search: its name, objective and experts, when it stops, the step length, restarts, what it records."""
     a = p.add_argument
     a("-n", "--name", help="search name; outputs go to search/<name>_<hostname>[_<time>]/")
     a("-e", "--eval_type", help="objective, one of: " + "; ".join(
@@ -124,6 +123,11 @@ def build_parser():
            "rewritten each iteration)")
     a("--dropK", type=float, default=0.0, help="probability of skipping a whole iteration's updates and evaluations")
     a("--dropN", type=float, default=0.0, help="probability of skipping one candidate's update and evaluation")
+
+
+def add_merge_and_evaluation_flags(p):
+    """How members are merged and moved (the merge method, the optimizer and its rule) and how they are scored."""
+    a = p.add_argument
     a("--merge_method", default="weighted_average", choices=list(merge.MERGE_METHODS), metavar="METHOD",
       help=merge.methods_help())
     a("--merge_params", default=None, help=merge.params_help())
@@ -148,6 +152,14 @@ def build_parser():
     a("--judge_model", default="gemini-1.5-flash", help="Gemini model of the 'human' objective (Vertex AI)")
     a("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
       help="model dtype (default: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
+
+
+def build_parser():
+    p = _Parser(description="BWR_model: search over merges of LoRA experts with the Best-Worst-Random algorithm.",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_search_flags(p)
+    add_merge_and_evaluation_flags(p)
+    a = p.add_argument  # where and how the work runs: workers and backend, folders, resume
     a("--num_cpu_workers", type=int, default=1, help="number of worker processes with -g cpu")
     a("--backend", default="local", choices=["local", "ray"], help="run workers as local processes or Ray actors")
     a("--ray_address", default=None, help="Ray cluster address (default: start or join a local Ray instance)")
@@ -242,28 +254,7 @@ def validate_args(args, start_workers=None):
     load the base model meanwhile (a few seconds here; minutes for a 7B model)."""
     # the device check comes first: on a machine without GPUs the GPU starter scripts stop at once
     devices = parse_devices(args.gpus, args.num_cpu_workers, args.backend)
-    if args.backend == "ray":
-        import importlib.util
-        if importlib.util.find_spec("ray") is None:
-            raise UsageError("--backend ray needs Ray: pip install 'ray[default]' (see requirements.txt)")
-    for flag, ok, valid in NUMERIC_RULES:
-        value = getattr(args, flag)
-        if not ok(value):
-            raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
-    if args.minimum_step_length > args.step_length:
-        raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
-    if args.populate_initial_experts and args.initial_experts_num is None:
-        raise UsageError("--populate_initial_experts 1 needs --initial_experts_num N, the population size to fill up "
-                         "to (the published scripts use 20)")
-    for flag in ("name", "eval_type") + (() if args.eval_type == "lm_eval" else ("dataset",)):
-        if not getattr(args, flag):
-            raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
-    if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
-        raise UsageError(f"--name {args.name!r} must be a plain name without path separators")
-    if not NAME_PATTERN.fullmatch(args.name):
-        shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
-        raise UsageError(f"--name {shown} is not a usable folder name: use at most "
-                         f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
+    check_flags(args)
     from data.schema import DataError, load_eval_data
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
@@ -306,6 +297,33 @@ def validate_args(args, start_workers=None):
         raise UsageError(f"--max_evaluations {args.max_evaluations} is smaller than the initial population's {size} "
                          f"evaluations: give at least {size}")
     return Setup(tuple(devices), merge_params, tuple(experts), tuple(ignored), wandb_mode, wandb_note, tuple(notes))
+
+
+def check_flags(args):
+    """What the flags say on their own: Ray installed for --backend ray, each number in its range, step lengths and
+    population size consistent, the required flags given, a usable name."""
+    if args.backend == "ray":
+        import importlib.util
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--backend ray needs Ray: pip install 'ray[default]' (see requirements.txt)")
+    for flag, ok, valid in NUMERIC_RULES:
+        value = getattr(args, flag)
+        if not ok(value):
+            raise UsageError(f"--{flag} {value} is out of range: it must be {valid}")
+    if args.minimum_step_length > args.step_length:
+        raise UsageError(f"--minimum_step_length {args.minimum_step_length} exceeds --step_length {args.step_length}")
+    if args.populate_initial_experts and args.initial_experts_num is None:
+        raise UsageError("--populate_initial_experts 1 needs --initial_experts_num N, the population size to fill up "
+                         "to (the published scripts use 20)")
+    for flag in ("name", "eval_type") + (() if args.eval_type == "lm_eval" else ("dataset",)):
+        if not getattr(args, flag):
+            raise UsageError(f"-{flag[0]}/--{flag} is required (or --resume DIR)")
+    if os.sep in args.name or (os.altsep and os.altsep in args.name) or args.name in (".", ".."):
+        raise UsageError(f"--name {args.name!r} must be a plain name without path separators")
+    if not NAME_PATTERN.fullmatch(args.name):
+        shown = ascii(args.name) if len(args.name) <= 40 else f"{ascii(args.name[:30])}... ({len(args.name)} characters)"
+        raise UsageError(f"--name {shown} is not a usable folder name: use at most "
+                         f"{MAX_NAME_LENGTH} letters, digits, '.', '_', '+' or '-', starting with a letter or digit")
 
 
 def check_lm_eval_flags(args):
@@ -697,6 +715,95 @@ class Log:
                 print(line, flush=True)
 
 
+class SearchFiles:
+    """The search directory on disk: candidate_i/, global_best/ and global_worst/, the staging folder an iteration
+    writes into, and the commit that makes an iteration durable (state.json first, then the folder moves)."""
+
+    def __init__(self, directory, args_sha256, correctness_emergence):
+        self.dir = directory
+        self.args_sha256 = args_sha256  # args.json's: every commit writes it into state.json
+        self.correctness_emergence = correctness_emergence
+        self.staging_root = os.path.join(directory, ".staging")
+        self.staging = None  # .staging/<iteration>/: set by fresh_staging
+        self.trash = Trash(directory)
+
+    def cand(self, i):
+        return os.path.join(self.dir, f"candidate_{i}")
+
+    def staged(self, i, suffix=""):
+        return os.path.join(self.staging, f"candidate_{i}{suffix}")
+
+    def sources(self, state, staged=False):
+        """Every member's weights as the workers read them: candidate_i/ at the member's version. staged=True: as
+        the member stands mid-iteration, an update accepted in this iteration being in the staging folder until
+        the commit (a worker that did not compute it would otherwise read candidate_i/'s previous weights under the
+        new version, and keep them cached)."""
+        out = [Source(self.cand(i), c["version"]) for i, c in enumerate(state["candidates"])]
+        return [s._replace(read_from=self.staged(i)) if staged and os.path.exists(self.staged(i)) else s
+                for i, s in enumerate(out)]
+
+    def extreme_sources(self, state):
+        """global_best/ and global_worst/ (the best and the worst ever; --rule published_code's best and worst):
+        both change only at commits, so the iteration that wrote each is its version."""
+        return [Source(os.path.join(self.dir, "global_best"), state["best"]["iteration"]),
+                Source(os.path.join(self.dir, "global_worst"), state["worst"]["iteration"])]
+
+    def fresh_staging(self, iteration):
+        """Each iteration stages into a folder of its own, so the moves recorded by one commit can never pick up
+        what a later iteration staged: that is what lets a commit write state.json once."""
+        shutil.rmtree(self.staging_root, ignore_errors=True)
+        self.staging = os.path.join(self.staging_root, str(iteration))
+        os.makedirs(self.staging)
+
+    def staged_moves(self, n):
+        """The moves that install the members staged in this iteration into candidate_i/."""
+        return [[self.staged(i), self.cand(i)] for i in range(n) if os.path.exists(self.staged(i))]
+
+    def keep_restart(self, i):
+        """A kept restart replaces the member's update staged in this iteration, if there is one."""
+        if os.path.exists(self.staged(i)):
+            self.trash.put(self.staged(i))
+        os.replace(self.staged(i, ".restart"), self.staged(i))
+
+    def stage_extreme(self, i, name):
+        """Member i's current weights (staged in this iteration, else candidate_i/) linked into the staging folder
+        as name (global_best or global_worst); returns the move that installs them."""
+        current = self.staged(i) if os.path.exists(self.staged(i)) else self.cand(i)
+        link_tree(current, os.path.join(self.staging, name))
+        return [os.path.join(self.staging, name), os.path.join(self.dir, name)]
+
+    def commit(self, state, moves):
+        """State first (with its moves), then the moves: a kill anywhere leaves a state resume can complete.
+
+        state.json is written (and fsynced) once per commit. It keeps listing the moves after they are done: resume
+        re-applies them (apply_moves is idempotent, and their sources are this iteration's own staging folder,
+        which no later iteration writes into), so a second write just to clear the list would buy nothing."""
+        with INTERRUPTS:  # a signal waits for the commit to complete
+            state["pending_moves"] = moves
+            # the arguments this state belongs to: resume refuses an args.json that is not the one it started with
+            state["args_sha256"] = self.args_sha256
+            crash_point("before_commit")
+            # what state.json is about to name must be on disk first: the workers staged it without fsync. A commit
+            # that moves nothing names nothing new, so it skips the syncfs; it still writes state.json (an iteration
+            # that accepted nothing changes the generator, histories and counters that resume continues from)
+            if moves:
+                sync_filesystem(self.staging_root)
+            write_state(self.dir, state)
+            for move in moves:
+                crash_point("move")
+                apply_moves([move], discard=self.trash.put)
+            state["pending_moves"] = []
+            crash_point("scratchpad")
+            # derived from the state and rewritten by every commit and by finish(): written atomically but not
+            # fsynced, a power cut can leave it one iteration behind until the next commit, never torn
+            write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(state), durable=False)
+            if self.correctness_emergence:
+                # one line, like state.json: it holds candidates x iterations x items numbers
+                atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"),
+                                  json.dumps(correctness_emergence(state)), durable=False)
+            self.trash.put(self.staging_root)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The search
 
@@ -723,44 +830,54 @@ def worker_config(a, devices, merge_params):
             "evaluate_options": eval_options, "torch_threads": threads, "to_visualize": a.to_visualize}
 
 
+def start_pool(args, setup, log, pool=None):
+    """The workers of a search: those prepare() started while it validated (pool), taken over, or new ones."""
+    devices = list(setup.devices)
+    if pool is not None:
+        log(f"{len(devices)} local worker(s) on {devices} started during validation")
+        pool.log = log
+        return pool
+    config = worker_config(args, setup.devices, setup.merge_params)
+    log(f"starting {len(devices)} {args.backend} worker(s) on {devices}")
+    if args.backend == "ray":
+        from workers import RayPool
+        return RayPool(devices, config, log=log, address=args.ray_address)
+    return LocalPool(devices, config, log=log)
+
+
+@dataclass
+class Iteration:
+    """The working values of one iteration, shared by its phases (Search.iterate): what was proposed to whom, what
+    came back, what was kept."""
+    number: int                # k, the iteration being run: state["iteration"] + 1
+    rng: object                # the search's generator, restored from the state and saved back by the commit
+    started: float             # time.perf_counter() at its start, for the profile
+    budget: int | None         # dev evaluations left under --max_evaluations (None: no limit)
+    members: list = field(default_factory=list)          # the members sent an update, in order
+    tasks: list = field(default_factory=list)            # their candidate tasks
+    results: list = field(default_factory=list)          # and their results
+    accepted: int = 0                                    # updates kept
+    restart_results: list = field(default_factory=list)  # results of the strays' restarts
+    restarted: list = field(default_factory=list)        # the members whose restart was kept
+
+
 class Search:
+    """A search on its directory: run() = initialise (iteration 0), iterate until stop_reason, finish."""
+
     def __init__(self, args, setup, directory, args_sha256, state=None, pool=None):
         self.args = args
         self.setup = setup
-        self.args_sha256 = args_sha256  # args.json's: every commit writes it into state.json
         self.dir = directory
-        self.staging_root = os.path.join(directory, ".staging")
-        self.staging = None  # .staging/<iteration>/: set by fresh_staging
-        self.trash = Trash(directory)
+        self.files = SearchFiles(directory, args_sha256, args.correctness_emergence)
         self.log = Log(os.path.join(directory, "log.txt"))
         self.state = state
-        self.pool = pool  # the local workers prepare() started, or None: start_pool starts them
+        self.pool = pool  # the local workers prepare() started, or None: run() starts them
         self.wandb = None
         self.optimizer = None  # optimizers.make(): set by initialise(), or restored from the state by run()
 
-    # -- paths and helpers
-    def cand(self, i):
-        return os.path.join(self.dir, f"candidate_{i}")
-
-    def source(self, i):
-        return Source(self.cand(i), self.state["candidates"][i]["version"])
-
-    def staged_source(self, i):
-        """Member i as it stands mid-iteration: an update accepted in this iteration is on disk in the staging folder
-        until the commit. A worker that did not compute it would otherwise read candidate_i/'s previous weights
-        under the new version (and keep them cached)."""
-        staged = os.path.join(self.staging, f"candidate_{i}")
-        return self.source(i)._replace(read_from=staged) if os.path.exists(staged) else self.source(i)
-
+    # -- what the workers read and write
     def expert_sources(self):
         return [Source(os.path.abspath(p), 0) for p in self.setup.experts]
-
-    def extreme_sources(self):
-        """global_best/ and global_worst/ (the best and the worst ever; --rule published_code's best and worst):
-        both change only at commits, so the iteration that wrote each is its version."""
-        s = self.state
-        return [Source(os.path.join(self.dir, "global_best"), s["best"]["iteration"]),
-                Source(os.path.join(self.dir, "global_worst"), s["worst"]["iteration"])]
 
     def candidate_task(self, i, sources, update, version, accept_if_above=None, restart=False, merge_method=None):
         """The one place a candidate task is built: member i's next version (cached by the workers as version),
@@ -771,22 +888,8 @@ class Search:
             accept_if_above = None
         return CandidateTask(name=f"candidate_{i}" + (" (restart)" if restart else ""), sources=tuple(sources),
                              update=update, split="dev", accept_if_above=accept_if_above,
-                             save_to=os.path.join(self.staging, f"candidate_{i}{suffix}"),
-                             cache_as=(self.cand(i), version), merge_method=merge_method)
-
-    def start_pool(self):
-        devices = list(self.setup.devices)
-        if self.pool is not None:  # started by prepare() while it validated
-            self.log(f"{len(devices)} local worker(s) on {devices} started during validation")
-            self.pool.log = self.log
-            return
-        config = worker_config(self.args, self.setup.devices, self.setup.merge_params)
-        self.log(f"starting {len(devices)} {self.args.backend} worker(s) on {devices}")
-        if self.args.backend == "ray":
-            from workers import RayPool
-            self.pool = RayPool(devices, config, log=self.log, address=self.args.ray_address)
-        else:
-            self.pool = LocalPool(devices, config, log=self.log)
+                             save_to=self.files.staged(i, suffix), cache_as=(self.files.cand(i), version),
+                             merge_method=merge_method)
 
     def run_tasks(self, tasks, description):
         from tqdm import tqdm
@@ -798,121 +901,68 @@ class Search:
                 crash_point("evaluation")  # the other workers are still merging and evaluating
             return self.pool.run(tasks, on_result=on_result)
 
-    def fresh_staging(self, iteration):
-        """Each iteration stages into a folder of its own, so the moves recorded by one commit can never pick up
-        what a later iteration staged: that is what lets a commit write state.json once."""
-        shutil.rmtree(self.staging_root, ignore_errors=True)
-        self.staging = os.path.join(self.staging_root, str(iteration))
-        os.makedirs(self.staging)
-
-    def commit(self, moves):
-        """State first (with its moves), then the moves: a kill anywhere leaves a state resume can complete.
-
-        state.json is written (and fsynced) once per commit. It keeps listing the moves after they are done: resume
-        re-applies them (apply_moves is idempotent, and their sources are this iteration's own staging folder,
-        which no later iteration writes into), so a second write just to clear the list would buy nothing."""
-        with INTERRUPTS:  # a signal waits for the commit to complete
-            self.state["pending_moves"] = moves
-            # the arguments this state belongs to: resume refuses an args.json that is not the one it started with
-            self.state["args_sha256"] = self.args_sha256
-            crash_point("before_commit")
-            # what state.json is about to name must be on disk first: the workers staged it without fsync. A commit
-            # that moves nothing names nothing new, so it skips the syncfs; it still writes state.json (an iteration
-            # that accepted nothing changes the generator, histories and counters that resume continues from)
-            if moves:
-                sync_filesystem(self.staging_root)
-            write_state(self.dir, self.state)
-            for move in moves:
-                crash_point("move")
-                apply_moves([move], discard=self.trash.put)
-            self.state["pending_moves"] = []
-            crash_point("scratchpad")
-            # derived from the state and rewritten by every commit and by finish(): written atomically but not
-            # fsynced, a power cut can leave it one iteration behind until the next commit, never torn
-            write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(self.state), durable=False)
-            if self.args.correctness_emergence:
-                # one line, like state.json: it holds candidates x iterations x items numbers
-                atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"),
-                                  json.dumps(correctness_emergence(self.state)), durable=False)
-            self.trash.put(self.staging_root)
-
     def utilities(self):
         return [c["utility"] for c in self.state["candidates"]]
 
-    # -- initialisation
+    # -- initialisation: iteration 0
     def initialise(self):
-        a = self.args
+        """The initial population (each expert as it is, then crossover children up to the population size) scored
+        on dev, the best initial expert on test, the optimizer started; committed as iteration 0."""
+        a, experts = self.args, self.setup.experts
         # the published search.py writes args.txt first thing; ours is rewritten at the end too (write_records)
         atomic_write_text(os.path.join(self.dir, "args.txt"),
                           published_args_text(read_json(os.path.join(self.dir, "args.json")), self.dir))
         rng = bwr.make_rng(a.seed)
-        experts = self.setup.experts
-        size = population_size(a, len(experts))
-        recipes = [{"parents": [i], "weights": [1.0]} for i in range(len(experts))]
-        while len(recipes) < size:
-            first, second = rng.choice(len(experts), size=2, replace=False)
-            w, w2 = bwr.crossover(rng)
-            recipes.append({"parents": [int(first), int(second)], "weights": [float(w), float(w2)]})
-        self.fresh_staging(0)
-        tasks, coefficients = [], []
-        for i, recipe in enumerate(recipes):
-            weights = [0.0] * len(experts)
-            for parent, w in zip(recipe["parents"], recipe["weights"]):
-                weights[parent] += w
-            coefficients.append(weights)
+        recipes = initial_recipes(len(experts), population_size(a, len(experts)), rng)
+        self.files.fresh_staging(0)
+        coefficients = [recipe_coefficients(recipe, len(experts)) for recipe in recipes]
+        results = self.evaluate_initial(recipes, coefficients)
+        self.state = initial_state(a.step_length, recipes, results, experts)
+        for i, c in enumerate(self.state["candidates"]):
+            self.log(f"candidate_{i} ({c['origin']}): dev utility {c['utility']:.4f}")
+        if a.correctness_emergence:
+            record_emergence(self.state, 0, dict(enumerate(results)))
+        # the initial population's per-item results, for the published starting_top-k_ensemble_* metrics
+        self.state["starting_details"] = {"dev": compact_details([r.get("details") for r in results]), "test": None}
+        self.evaluate_starting_test()
+        self.optimizer = optimizers.make(a, len(experts))
+        self.optimizer.start(coefficients, self.utilities(), rng)
+        self.state["optimizer"] = self.optimizer.state()
+        moves = [[self.files.staged(i), self.files.cand(i)] for i in range(len(recipes))]
+        moves += self.best_worst_moves(None)[0]
+        self.state["rng"] = bwr.rng_state(rng)
+        self.files.commit(self.state, moves)
+        start = self.state["starting_best"]
+        self.log(f"starting best: {start['expert']} dev {start['utility']:.4f} test {start['test_utility']:.4f}")
+
+    def evaluate_initial(self, recipes, coefficients):
+        """Every initial member merged from the experts and scored on dev: their results, in order."""
+        tasks = []
+        for i, (recipe, weights) in enumerate(zip(recipes, coefficients)):
             # an initial expert is scored as it is: ties or dare would change even a lone expert of weight 1
             # (trim, rescale, drop), and starting_best_* must describe the experts the user gave
             lone = len(recipe["parents"]) == 1
             tasks.append(self.candidate_task(i, self.expert_sources(), {"kind": "combine", "weights": weights}, 0,
                                              merge_method="weighted_average" if lone else None))
-        self.log(f"initialising {size} candidates from {len(experts)} experts")
-        results = self.run_tasks(tasks, "initial evaluation")
-        candidates = []
-        for i, (recipe, result) in enumerate(zip(recipes, results)):
-            u = result["utility"]
-            names = [os.path.basename(experts[p]) for p in recipe["parents"]]
-            origin = names[0] if len(names) == 1 else f"crossover {names[0]}*{recipe['weights'][0]:.3f} + " \
-                                                          f"{names[1]}*{recipe['weights'][1]:.3f}"
-            candidates.append({"utility": u, "history": [u], "version": 0, "stale": 0, "origin": origin,
-                               "trajectory": [result["projection"]] if "projection" in result else []})
-            self.log(f"candidate_{i} ({origin}): dev utility {u:.4f}")
-        expert_utilities = [c["utility"] for c in candidates[:len(experts)]]
-        start = max(range(len(experts)), key=lambda i: expert_utilities[i])
-        self.state = {
-            "state_version": STATE_VERSION, "stage": "search", "iteration": 0, "step_length": a.step_length,
-            "candidates": candidates, "no_improvement": 0, "profile": [],
-            "starting_best": {"candidate": start, "expert": os.path.basename(experts[start]),
-                              "utility": expert_utilities[start]},
-            "history": {"best": [], "worst": []}, "emergence": {},
-            "evaluations": len(results), "evaluations_history": [len(results)],
-        }
-        # per-item dev scores of the starting best: the paired statistics of finish() compare against them
-        self.state["starting_best"]["dev_scores"] = (results[start].get("details") or {}).get("scores")
-        if a.correctness_emergence:
-            self.record_emergence(0, {i: r for i, r in enumerate(results)})
-        # the initial population's per-item results, for the published starting_top-k_ensemble_* metrics
-        self.state["starting_details"] = {"dev": compact_details([r.get("details") for r in results]), "test": None}
-        # the best initial expert's test accuracy is the baseline the search has to beat
-        test_targets = range(len(candidates)) if a.starting_test_set_eval else [start]
-        test_tasks = [EvaluateTask(os.path.join(self.staging, f"candidate_{i}"), 0, "test") for i in test_targets]
-        test_results = self.run_tasks(test_tasks, "starting test evaluation")
-        for i, result in zip(test_targets, test_results):
+        self.log(f"initialising {len(recipes)} candidates from {len(self.setup.experts)} experts")
+        return self.run_tasks(tasks, "initial evaluation")
+
+    def evaluate_starting_test(self):
+        """The best initial expert's test utility, the baseline the search has to beat (every initial member's
+        with --starting_test_set_eval 1)."""
+        s, candidates = self.state, self.state["candidates"]
+        start = s["starting_best"]["candidate"]
+        targets = range(len(candidates)) if self.args.starting_test_set_eval else [start]
+        tasks = [EvaluateTask(self.files.staged(i), 0, "test") for i in targets]
+        results = self.run_tasks(tasks, "starting test evaluation")
+        for i, result in zip(targets, results):
             candidates[i]["starting_test_utility"] = result["utility"]
             self.log(f"candidate_{i}: starting test utility {result['utility']:.4f}")
             if i == start:
-                self.state["starting_best"]["test_scores"] = (result.get("details") or {}).get("scores")
-        self.state["starting_best"]["test_utility"] = candidates[start]["starting_test_utility"]
-        if a.starting_test_set_eval:
-            self.state["starting_details"]["test"] = compact_details([r.get("details") for r in test_results])
-        self.optimizer = optimizers.make(a, len(experts))
-        self.optimizer.start(coefficients, [c["utility"] for c in candidates], rng)
-        self.state["optimizer"] = self.optimizer.state()
-        moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(size)]
-        moves += self.best_worst_moves(None)[0]
-        self.state["rng"] = bwr.rng_state(rng)
-        self.commit(moves)
-        self.log(f"starting best: {self.state['starting_best']['expert']} dev {self.state['starting_best']['utility']:.4f}"
-                 f" test {self.state['starting_best']['test_utility']:.4f}")
+                s["starting_best"]["test_scores"] = (result.get("details") or {}).get("scores")
+        s["starting_best"]["test_utility"] = candidates[start]["starting_test_utility"]
+        if self.args.starting_test_set_eval:
+            s["starting_details"]["test"] = compact_details([r.get("details") for r in results])
 
     def best_worst_moves(self, previous_best):
         """Update the global best and the global worst (the best and the worst ever, as the published loop keeps
@@ -927,270 +977,162 @@ class Search:
         if improved:
             s["best"] = {"utility": u[best], "candidate": best, "iteration": s["iteration"],
                          "version": s["candidates"][best]["version"]}
-            staged = os.path.join(self.staging, "global_best")
-            link_tree(self._current_weights(best), staged)
-            moves.append([staged, os.path.join(self.dir, "global_best")])
+            moves.append(self.files.stage_extreme(best, "global_best"))
         if previous_best is None or u[worst] < s["worst"]["utility"]:
             s["worst"] = {"utility": u[worst], "candidate": worst, "iteration": s["iteration"]}
-            staged = os.path.join(self.staging, "global_worst")
-            link_tree(self._current_weights(worst), staged)
-            moves.append([staged, os.path.join(self.dir, "global_worst")])
+            moves.append(self.files.stage_extreme(worst, "global_worst"))
         s["history"]["best"].append(s["best"]["utility"])
         s["history"]["worst"].append(u[worst])
         return moves, improved
 
-    def _current_weights(self, i):
-        staged = os.path.join(self.staging, f"candidate_{i}")
-        return staged if os.path.exists(staged) else self.cand(i)
-
-    def record_emergence(self, iteration, results):
-        rows = {}
-        for i, result in results.items():
-            scores = (result.get("details") or {}).get("scores")
-            if scores is not None:
-                rows[f"candidate_{i}"] = scores
-        self.state["emergence"].setdefault(str(iteration), {}).update(rows)
-
-    # -- one iteration
+    # -- one iteration: propose, evaluate and accept, restart strays, close
     def iterate(self):
-        a, s = self.args, self.state
-        t0 = time.perf_counter()
-        opt = self.optimizer
-        rng = bwr.rng_from_state(s["rng"])
-        k = s["iteration"] + 1
+        """Every member proposes an update, the workers score it and the better ones are kept, stray members
+        restart, and the commit makes the iteration durable."""
+        s, a = self.state, self.args
+        it = Iteration(number=s["iteration"] + 1, rng=bwr.rng_from_state(s["rng"]), started=time.perf_counter(),
+                       budget=None if a.max_evaluations is None else a.max_evaluations - s["evaluations"])
+        self.propose(it)
+        self.evaluate_and_accept(it)
+        if a.restart_stray_candidates and self.optimizer.restarts:
+            self.restart_strays(it)
+        self.close_iteration(it)
+
+    def propose(self, it):
+        """One update per member, as coefficients over the population or over the initial experts. Every member
+        draws its proposal, so the generator advances alike; --dropK then skips the whole iteration's, --dropN a
+        member's, and --max_evaluations' budget the rest."""
+        a, s, opt, rng = self.args, self.state, self.optimizer, it.rng
         n = len(s["candidates"])
-        budget = None if a.max_evaluations is None else a.max_evaluations - s["evaluations"]
         skip_iteration = rng.random() < a.dropK if a.dropK > 0 else False
-        self.fresh_staging(k)
-        # propose: one update per member, as coefficients over the population or over the initial experts
+        self.files.fresh_staging(it.number)
         opt.begin(self.utilities(), s["step_length"], rng)
         if opt.over == "population":
-            sources = [self.source(j) for j in range(n)] + (self.extreme_sources() if opt.extremes else [])
+            sources = self.files.sources(s) + (self.files.extreme_sources(s) if opt.extremes else [])
         else:
             sources = self.expert_sources()
-        tasks, indices = [], []
         for i in range(n):
             skip = rng.random() < a.dropN if a.dropN > 0 else False
             update = opt.propose(i, rng)
-            if skip or skip_iteration or (budget is not None and len(tasks) >= budget):
+            if skip or skip_iteration or (it.budget is not None and len(it.tasks) >= it.budget):
                 continue
             c = s["candidates"][i]
             threshold = c["utility"] if opt.greedy else None
-            tasks.append(self.candidate_task(i, sources, update, c["version"] + 1, accept_if_above=threshold))
-            indices.append(i)
-        # run and accept
-        results = self.run_tasks(tasks, f"iteration {k}") if tasks else []
-        accepted = 0
-        for i, task, result in zip(indices, tasks, results):
-            c = s["candidates"][i]
-            branch = bwr.describe_update(task.update)
-            if branch:  # which branch of the published step this proposal took
-                self.log(f"candidate_{i}: {branch}: dev utility {result['utility']:.4f} against "
-                         f"{c['utility']:.4f}, {'kept' if result['accepted'] else 'not kept'}")
-            if result.get("rejected") or math.isnan(result["utility"]):
-                self.log(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
-                         f"it keeps its weights")
-            if result["accepted"]:
-                accepted += 1
-                c["stale"] = 0 if result["utility"] > c["utility"] else c["stale"] + 1
-                c["utility"] = result["utility"]
-                c["version"] += 1
-                if "projection" in result:
-                    c["trajectory"].append(result["projection"])
-            else:
-                c["stale"] += 1
-        skipped = set(range(n)) - set(indices)
-        for i in skipped:
-            s["candidates"][i]["stale"] += 1
-        if a.correctness_emergence:
-            self.record_emergence(k, {i: r for i, r in zip(indices, results) if r["accepted"]})
-        opt.end({i: (r["utility"], bool(r["accepted"])) for i, r in zip(indices, results)})
+            it.tasks.append(self.candidate_task(i, sources, update, c["version"] + 1, accept_if_above=threshold))
+            it.members.append(i)
 
-        # restart stray candidates: no personal improvement for restart_patience * patience iterations
-        restarted, restart_results = [], []
-        if a.restart_stray_candidates and opt.restarts:
-            limit = max(1, int(round(a.restart_patience * a.patience)))
-            current_best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
-            stray = [i for i in range(n) if s["candidates"][i]["stale"] >= limit and i != current_best]
-            if budget is not None:  # the budget cuts restarts too (the strays past it are left as they are)
-                stray = stray[:max(budget - len(tasks), 0)]
-            restart_sources = [self.staged_source(j) for j in range(n)] + self.expert_sources()
-            restart_tasks = []
-            for i in stray:
-                # a fresh start near the population's best: crossover of the best candidate and a random expert
-                weights = opt.restart(i, current_best, n, len(self.setup.experts), rng)
-                # kept only if it scores strictly better than the candidate it would replace (the published loop
-                # compares a restart with the original like any update): a restart never erases a better record.
-                # Staged beside this iteration's update, which it replaces only once accepted; the version after it
-                # (a worker may hold that update, accepted above, as the member's current version)
-                c = s["candidates"][i]
-                restart_tasks.append(self.candidate_task(i, restart_sources, {"kind": "combine", "weights": weights},
-                                                         c["version"] + 1, accept_if_above=c["utility"],
-                                                         restart=True))
-            if restart_tasks:
-                restart_results = self.run_tasks(restart_tasks, f"iteration {k} restarts")
-                for i, result in zip(stray, restart_results):
-                    c = s["candidates"][i]
-                    if result["accepted"]:
-                        staged = os.path.join(self.staging, f"candidate_{i}")
-                        if os.path.exists(staged):
-                            self.trash.put(staged)
-                        os.replace(staged + ".restart", staged)
-                        c.update(utility=result["utility"], version=c["version"] + 1, stale=0)
-                        restarted.append(i)
-                        self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
-                    else:
-                        self.log(f"candidate_{i}: restart scored {result['utility']:.4f}, not above its "
-                                 f"{c['utility']:.4f}: not kept")
-                if a.correctness_emergence:
-                    self.record_emergence(k, {i: r for i, r in zip(stray, restart_results) if r["accepted"]})
+    def evaluate_and_accept(self, it):
+        """The workers merge and score the proposals, and accept one (greedy: only strictly better) by staging it;
+        a member takes an accepted update. A member without one (refused, skipped) is one iteration staler."""
+        s = self.state
+        it.results = self.run_tasks(it.tasks, f"iteration {it.number}") if it.tasks else []
+        for i, task, result in zip(it.members, it.tasks, it.results):
+            for line in outcome_lines(i, s["candidates"][i], task, result):
+                self.log(line)
+            it.accepted += bool(result["accepted"])
+            take_update(s["candidates"][i], result)
+        for i in set(range(len(s["candidates"]))) - set(it.members):
+            s["candidates"][i]["stale"] += 1
+        if self.args.correctness_emergence:
+            record_emergence(s, it.number, {i: r for i, r in zip(it.members, it.results) if r["accepted"]})
+        self.optimizer.end({i: (r["utility"], bool(r["accepted"])) for i, r in zip(it.members, it.results)})
+
+    def restart_strays(self, it):
+        """Members without a personal improvement for restart_patience * patience iterations restart near the
+        population's best (bwr: a crossover of the best and a random expert), kept only if better than the member
+        (as the published loop compares any update): a restart never erases a better record. Staged beside this
+        iteration's update, it replaces it only once kept, as the version after it (a worker may hold the update)."""
+        a, s = self.args, self.state
+        n = len(s["candidates"])
+        best = max(range(n), key=lambda i: (s["candidates"][i]["utility"], -i))
+        # the budget cuts restarts too (the strays past it are left as they are)
+        room = None if it.budget is None else max(it.budget - len(it.tasks), 0)
+        strays = stray_members(s["candidates"], max(1, int(round(a.restart_patience * a.patience))), best, room)
+        sources, tasks = self.files.sources(s, staged=True) + self.expert_sources(), []
+        for i in strays:
+            c = s["candidates"][i]
+            weights = self.optimizer.restart(i, best, n, len(self.setup.experts), it.rng)
+            tasks.append(self.candidate_task(i, sources, {"kind": "combine", "weights": weights}, c["version"] + 1,
+                                             accept_if_above=c["utility"], restart=True))
+        if not tasks:
+            return
+        it.restart_results = self.run_tasks(tasks, f"iteration {it.number} restarts")
+        for i, result in zip(strays, it.restart_results):
+            c = s["candidates"][i]
+            if result["accepted"]:
+                self.files.keep_restart(i)
+                c.update(utility=result["utility"], version=c["version"] + 1, stale=0)
+                it.restarted.append(i)
+                self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
+            else:
+                self.log(f"candidate_{i}: restart scored {result['utility']:.4f}, not above its "
+                         f"{c['utility']:.4f}: not kept")
+        if a.correctness_emergence:
+            record_emergence(s, it.number, {i: r for i, r in zip(strays, it.restart_results) if r["accepted"]})
+
+    def close_iteration(self, it):
+        """Histories, the global best and worst, counters, step length and generator into the state, committed;
+        then the iteration's log line and profile. The profile covers the whole iteration, restarts and commit
+        included: the entry the commit persists lacks the commit's own seconds, so it is completed in place
+        afterwards (and persisted by the next commit)."""
+        a, s = self.args, self.state
         for c in s["candidates"]:
             c["history"].append(c["utility"])
-
-        s["iteration"] = k
-        previous_best = dict(s["best"])
-        moves = [[os.path.join(self.staging, f"candidate_{i}"), self.cand(i)] for i in range(n)
-                 if os.path.exists(os.path.join(self.staging, f"candidate_{i}"))]
-        bw_moves, improved = self.best_worst_moves(previous_best)
+        s["iteration"] = it.number
+        moves = self.files.staged_moves(len(s["candidates"]))
+        bw_moves, improved = self.best_worst_moves(dict(s["best"]))
         s["no_improvement"] = 0 if improved else s["no_improvement"] + 1
         s["step_length"] = max(s["step_length"] * a.step_length_factor, a.minimum_step_length)
-        s["rng"] = bwr.rng_state(rng)
-        s["optimizer"] = opt.state()
-        evaluations = len(results) + len(restart_results)
-        s["evaluations"] += evaluations
-        s["evaluations_history"].append(evaluations)
-        # the profile covers the whole iteration, restarts and commit included; the entry the commit persists lacks
-        # the commit's own seconds, so it is completed in place afterwards (and persisted by the next commit)
-        evaluated = results + restart_results
-        profile = self.profile(evaluated, time.perf_counter() - t0)
+        s["rng"] = bwr.rng_state(it.rng)
+        s["optimizer"] = self.optimizer.state()
+        s["evaluations"] += len(it.results) + len(it.restart_results)
+        s["evaluations_history"].append(len(it.results) + len(it.restart_results))
+        evaluated, workers = it.results + it.restart_results, len(self.setup.devices)
+        profile = iteration_profile(evaluated, time.perf_counter() - it.started, workers)
         s["profile"].append(profile)
         start = time.perf_counter()
-        self.commit(moves + bw_moves)
-        profile.update(self.profile(evaluated, time.perf_counter() - t0, commit=time.perf_counter() - start))
-        self.log(f"iteration {k}: best {s['best']['utility']:.4f} (candidate_{s['best']['candidate']}) "
-                 f"worst {s['worst']['utility']:.4f} | accepted {accepted}/{len(indices)}"
-                 + (f", skipped {len(skipped)}" if skipped else "") + (f", restarted {len(restarted)}" if restarted else "")
-                 + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}"
-                 + f" | {evaluations} evaluations ({s['evaluations']} in all)")
+        self.files.commit(s, moves + bw_moves)
+        profile.update(iteration_profile(evaluated, time.perf_counter() - it.started, workers,
+                                         commit=time.perf_counter() - start))
+        self.log(iteration_line(s, it))
         self.log("profile: " + " ".join(f"{key} {value:.3f}s" for key, value in profile.items()))
         if self.wandb is not None:
             self.wandb.log({"best": s["best"]["utility"], "worst": s["worst"]["utility"],
-                            "step_length": s["step_length"], "accepted": accepted,
-                            **{f"candidate_{i}": c["utility"] for i, c in enumerate(s["candidates"])}}, step=k)
-
-    def profile(self, results, wall, commit=0.0):
-        """Seconds of one iteration: wall, the workers' merge / swap / forward / evaluate_other (evaluation outside
-        the model: tokenising, decoding, scoring) / write (accepted candidates), summed over workers; commit (the
-        driver's state.json, folder moves, scratchpad); driver_ipc: the rest of the wall time (task and result
-        transfer, the driver's bookkeeping, and with several workers the time some of them wait for the others)."""
-        totals = {"merge": 0.0, "swap": 0.0, "forward": 0.0, "evaluate_other": 0.0, "write": 0.0}
-        for result in results:
-            for key, value in (result.get("timing") or {}).items():
-                totals[key] = totals.get(key, 0.0) + value
-        workers = max(1, len(self.setup.devices))
-        busy = sum(totals.values()) / workers
-        return {"wall": wall, **totals, "commit": commit, "driver_ipc": max(wall - busy - commit, 0.0)}
+                            "step_length": s["step_length"], "accepted": it.accepted,
+                            **{f"candidate_{i}": c["utility"] for i, c in enumerate(s["candidates"])}}, step=it.number)
 
     # -- the end
     def finish(self):
+        """The final evaluation (every member and the global best, on test and dev), final_metrics.json and the
+        published records, the summary in log.txt."""
         a, s = self.args, self.state
-        n = len(s["candidates"])
         if a.clean_up_on_end:
             # the published clean-up removes worst/ (global_worst/, kept up to date by every commit)
             shutil.rmtree(os.path.join(self.dir, "global_worst"), ignore_errors=True)
         self.log("final evaluation of every candidate and the global best on the test and dev sets")
-        tasks = [EvaluateTask(self.cand(i), s["candidates"][i]["version"], split,
-                              os.path.join(self.cand(i), f"golds_preds_{split}.json"))
-                 for split in ("test", "dev") for i in range(n)]
-        best_dir = os.path.join(self.dir, "global_best")
-        # global_best/ changes only at commits: the iteration that wrote it is its version
-        tasks += [EvaluateTask(best_dir, s["best"]["iteration"], split, os.path.join(best_dir, f"golds_preds_{split}.json"))
-                  for split in ("dev", "test")]
-        results = self.run_tasks(tasks, "final evaluation")
-        test, dev = results[:n], results[n:2 * n]
-        best_dev, best_test = results[2 * n], results[2 * n + 1]
-        metrics = {
-            "starting_best_validation_utility": s["starting_best"]["utility"],
-            "starting_best_single_test_accuracy": s["starting_best"]["test_utility"],
-            "ending_best_validation_utility": s["best"]["utility"],
-            "ending_best_single_test_accuracy": best_test["utility"],
-            "ending_best_validation_utility_reevaluated": best_dev["utility"],
-            "starting_best_expert": s["starting_best"]["expert"],
-            "ending_best_candidate": f"candidate_{s['best']['candidate']}",
-            "ending_best_origin": best_origin(s),
-            "iterations": s["iteration"],
-            "optimizer": a.optimizer,
-            "dev_evaluations": s["evaluations"],
-        }
-        # the gain of the ending global best over the starting best, paired item by item
-        start = s["starting_best"]
-        for split, before, result in (("test", start.get("test_scores"), best_test),
-                                      ("dev", start.get("dev_scores"), best_dev)):
-            gain = paired_gain(before, (result.get("details") or {}).get("scores"),
-                               start["test_utility" if split == "test" else "utility"], result["utility"])
-            if gain is not None:
-                metrics[f"{split}_gain_over_starting_best"] = gain["gain"]
-                metrics[f"{split}_gain_paired_se"] = gain["se"]
-                metrics[f"{split}_gain_items"] = gain["items"]
-        metrics.update(ensembles([r.get("details") for r in test], [c["utility"] for c in s["candidates"]],
-                                 a.eval_type))
-        for i, r in enumerate(test):
-            metrics[f"candidate_{i}_test_utility"] = r["utility"]
-        published, published_dev = published_metrics(s, a.eval_type, [r.get("details") for r in test],
-                                                      [r.get("details") for r in dev], best_dev, best_test)
-        metrics.update(published)
-        metrics.update(published_dev)
+        results = self.run_tasks(final_tasks(self.dir, s), "final evaluation")
+        metrics, published, published_dev = final_metrics(s, a, results)
         with INTERRUPTS:
             write_json(os.path.join(self.dir, "final_metrics.json"), metrics)
             s["stage"] = "done"
             s["final_metrics"] = metrics
             write_state(self.dir, s)
-        self.write_records()
-        for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
-                    "ending_best_validation_utility", "ending_best_single_test_accuracy"):
-            self.log(f"{key}: {metrics[key]:.4f}")
-        for split in ("test", "dev"):
-            if f"{split}_gain_over_starting_best" in metrics:
-                self.log(f"{split} gain of the ending best over the starting best: "
-                         f"{metrics[f'{split}_gain_over_starting_best']:+.4f} ± "
-                         f"{metrics[f'{split}_gain_paired_se']:.4f} (paired SE, "
-                         f"{metrics[f'{split}_gain_items']} items)")
-            else:
-                self.log(f"{split} gain: no paired statistics (this objective's utility is not a mean of "
-                         f"per-item scores)")
-        self.log(f"dev evaluations: {s['evaluations']} ({a.optimizer})")
-        for key, value in metrics.items():
-            if (key.startswith("top") and "ensemble" in key) or key.startswith("ending_best_single_dev_") or \
-                    (key.startswith("ending_best_single_test_") and key != "ending_best_single_test_accuracy"):
-                self.log(f"{key}: {value:.4f}")
-        # the published lines, for scripts written for the published log.txt
-        self.log("final metrics for test: " + str(published))
-        self.log("final ensemble metrics for dev: " + str(published_dev))
+        write_records(self.dir, s, a)
+        log_final_metrics(self.log, metrics, published, published_dev)
         if a.clean_up_on_end:
             self.log("clean-up (--clean_up_on_end 1): no global_worst/ kept; candidate_i/ and global_best/ are")
         if self.wandb is not None:
             self.wandb.summary.update(metrics)
         return metrics
 
-    def write_records(self):
-        """The files derived from a finished search's state: rewritten by a resume of a finished search, so a fault
-        while they were written (a full disk) is repaired by --resume."""
-        s = self.state
-        write_json(os.path.join(self.dir, "final_metrics.json"), s["final_metrics"])
-        write_json(os.path.join(self.dir, "utility_scratchpad.json"), scratchpad(s))
-        if self.args.correctness_emergence:
-            atomic_write_text(os.path.join(self.dir, "correctness_emergence.json"), json.dumps(correctness_emergence(s)))
-        write_published_layout(self.dir, len(s["candidates"]), self.args.eval_type)
-        plot(s, self.dir, self.args.to_visualize)
-
     def run(self):
         a = self.args
         if self.state is not None and self.state["stage"] == "done":
-            self.write_records()
+            write_records(self.dir, self.state, a)
             self.log(f"done: best model in {os.path.join(self.dir, 'global_best')}")
             return self.state["final_metrics"]
-        self.start_pool()
-        self.start_wandb()
+        self.pool = start_pool(a, self.setup, self.log, self.pool)
+        self.wandb = start_wandb(a, self.setup, self.dir, self.log)
         for note in self.setup.notes:
             self.log(note)
         if self.state is None:
@@ -1198,61 +1140,177 @@ class Search:
         else:
             self.optimizer = optimizers.make(a, len(self.setup.experts), self.state.get("optimizer"))
         while self.state["stage"] == "search":
-            s = self.state
-            if s["iteration"] >= a.max_iteration:
-                self.log(f"reached --max_iteration {a.max_iteration}")
-                s["stage"] = "final"
-            elif patience_exhausted(s["history"]["best"], a.patience):
-                self.log(f"the global best did not change over the last {a.patience} entries of its history "
-                         f"(--patience): stopping")
-                s["stage"] = "final"
-            elif a.max_evaluations is not None and s["evaluations"] >= a.max_evaluations:
-                self.log(f"reached --max_evaluations {a.max_evaluations} ({s['evaluations']} dev evaluations)")
-                s["stage"] = "final"
-            else:
+            reason = stop_reason(self.state, a)
+            if reason is None:
                 self.iterate()
                 continue
+            self.log(reason)
+            self.state["stage"] = "final"
             with INTERRUPTS:
-                write_state(self.dir, s)
+                write_state(self.dir, self.state)
         metrics = self.state.get("final_metrics") if self.state["stage"] == "done" else self.finish()
         self.log(f"done: best model in {os.path.join(self.dir, 'global_best')}")
         return metrics
-
-    def start_wandb(self):
-        a = self.args
-        mode = self.setup.wandb_mode
-        if self.setup.wandb_note:
-            self.log(self.setup.wandb_note)
-        if mode == "disabled":
-            return
-        os.environ.setdefault("WANDB_SILENT", "true")
-        import wandb
-        options = dict(project=a.project_name_wb, name=os.path.basename(self.dir), dir=self.dir, config=public_args(a),
-                       resume="allow", id=os.path.basename(self.dir).replace(".", "-")[:128],
-                       settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
-        try:
-            self.wandb = wandb.init(mode=mode, **options)
-        except Exception as e:  # noqa: BLE001 - W&B is a record of the search, never a reason to stop it
-            if mode != "online":
-                raise
-            self.log(f"W&B online start failed ({first_line(e)}); logging offline instead "
-                     f"(wandb sync {os.path.join(self.dir, 'wandb')} later)")
-            mode = "offline"
-            self.wandb = wandb.init(mode=mode, **options)
-        self.log(f"W&B logging in {mode} mode (project {a.project_name_wb})")
 
     def close(self):
         if self.pool is not None:
             self.pool.close()
             self.pool = None
-        self.trash.empty()
+        self.files.trash.empty()
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The search's steps as plain functions over the state
+
+def initial_recipes(n_experts, size, rng):
+    """The initial population as recipes over the experts: each expert as it is, then (--populate_initial_experts)
+    crossover children of random pairs of experts up to size members."""
+    recipes = [{"parents": [i], "weights": [1.0]} for i in range(n_experts)]
+    while len(recipes) < size:
+        first, second = rng.choice(n_experts, size=2, replace=False)
+        w, w2 = bwr.crossover(rng)
+        recipes.append({"parents": [int(first), int(second)], "weights": [float(w), float(w2)]})
+    return recipes
+
+
+def recipe_coefficients(recipe, n_experts):
+    """A recipe's weights as coefficients over all the experts."""
+    weights = [0.0] * n_experts
+    for parent, w in zip(recipe["parents"], recipe["weights"]):
+        weights[parent] += w
+    return weights
+
+
+def initial_state(step_length, recipes, results, experts):
+    """The state after the initial population's dev evaluation; the starting best is the best initial expert."""
+    names = [os.path.basename(path) for path in experts]
+    candidates = []
+    for recipe, result in zip(recipes, results):
+        u, parents, w = result["utility"], [names[p] for p in recipe["parents"]], recipe["weights"]
+        origin = parents[0] if len(parents) == 1 else f"crossover {parents[0]}*{w[0]:.3f} + {parents[1]}*{w[1]:.3f}"
+        candidates.append({"utility": u, "history": [u], "version": 0, "stale": 0, "origin": origin,
+                           "trajectory": [result["projection"]] if "projection" in result else []})
+    start = max(range(len(experts)), key=lambda i: candidates[i]["utility"])
+    return {
+        "state_version": STATE_VERSION, "stage": "search", "iteration": 0, "step_length": step_length,
+        "candidates": candidates, "no_improvement": 0, "profile": [],
+        # dev_scores, per item: the paired statistics of the final metrics compare the ending best against them
+        "starting_best": {"candidate": start, "expert": names[start], "utility": candidates[start]["utility"],
+                          "dev_scores": (results[start].get("details") or {}).get("scores")},
+        "history": {"best": [], "worst": []}, "emergence": {},
+        "evaluations": len(results), "evaluations_history": [len(results)],
+    }
+
+
+def stop_reason(state, args):
+    """Why the search stops before another iteration (its line in log.txt), or None to go on."""
+    if state["iteration"] >= args.max_iteration:
+        return f"reached --max_iteration {args.max_iteration}"
+    if patience_exhausted(state["history"]["best"], args.patience):
+        return (f"the global best did not change over the last {args.patience} entries of its history "
+                f"(--patience): stopping")
+    if args.max_evaluations is not None and state["evaluations"] >= args.max_evaluations:
+        return f"reached --max_evaluations {args.max_evaluations} ({state['evaluations']} dev evaluations)"
+    return None
+
+
+def outcome_lines(i, candidate, task, result):
+    """log.txt's lines about member i's update, if any: the branch of the published step it took, a rejection."""
+    lines = []
+    branch = bwr.describe_update(task.update)
+    if branch:  # which branch of the published step this proposal took
+        lines.append(f"candidate_{i}: {branch}: dev utility {result['utility']:.4f} against "
+                     f"{candidate['utility']:.4f}, {'kept' if result['accepted'] else 'not kept'}")
+    if result.get("rejected") or math.isnan(result["utility"]):
+        lines.append(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
+                     f"it keeps its weights")
+    return lines
+
+
+def take_update(candidate, result):
+    """A member after its update was scored: an accepted one moves it to the next version; stale counts the
+    iterations since its utility last rose (a refused update, or an accepted one that is no better, adds one)."""
+    if result["accepted"]:
+        candidate["stale"] = 0 if result["utility"] > candidate["utility"] else candidate["stale"] + 1
+        candidate["utility"] = result["utility"]
+        candidate["version"] += 1
+        if "projection" in result:
+            candidate["trajectory"].append(result["projection"])
+    else:
+        candidate["stale"] += 1
+
+
+def stray_members(candidates, limit, best, room=None):
+    """The members whose utility has not risen for limit iterations, the current best excepted; only the first
+    room of them when the evaluation budget leaves room for no more."""
+    strays = [i for i, c in enumerate(candidates) if c["stale"] >= limit and i != best]
+    return strays if room is None else strays[:room]
+
+
+def record_emergence(state, iteration, results):
+    """--correctness_emergence: the per-item dev scores of the members whose weights changed ({i: result})."""
+    rows = {}
+    for i, result in results.items():
+        scores = (result.get("details") or {}).get("scores")
+        if scores is not None:
+            rows[f"candidate_{i}"] = scores
+    state["emergence"].setdefault(str(iteration), {}).update(rows)
+
+
+def iteration_profile(results, wall, workers, commit=0.0):
+    """Seconds of one iteration: wall, the workers' merge / swap / forward / evaluate_other (evaluation outside
+    the model: tokenising, decoding, scoring) / write (accepted candidates), summed over workers; commit (the
+    driver's state.json, folder moves, scratchpad); driver_ipc: the rest of the wall time (task and result
+    transfer, the driver's bookkeeping, and with several workers the time some of them wait for the others)."""
+    totals = {"merge": 0.0, "swap": 0.0, "forward": 0.0, "evaluate_other": 0.0, "write": 0.0}
+    for result in results:
+        for key, value in (result.get("timing") or {}).items():
+            totals[key] = totals.get(key, 0.0) + value
+    busy = sum(totals.values()) / max(1, workers)
+    return {"wall": wall, **totals, "commit": commit, "driver_ipc": max(wall - busy - commit, 0.0)}
+
+
+def iteration_line(state, it):
+    """log.txt's line about a committed iteration."""
+    s, skipped = state, len(state["candidates"]) - len(it.members)
+    evaluations = len(it.results) + len(it.restart_results)
+    return (f"iteration {it.number}: best {s['best']['utility']:.4f} (candidate_{s['best']['candidate']}) "
+            f"worst {s['worst']['utility']:.4f} | accepted {it.accepted}/{len(it.members)}"
+            + (f", skipped {skipped}" if skipped else "") + (f", restarted {len(it.restarted)}" if it.restarted else "")
+            + f" | step {s['step_length']:.4f} | no improvement for {s['no_improvement']}"
+            + f" | {evaluations} evaluations ({s['evaluations']} in all)")
+
+
 WANDB_PROBE_TIMEOUT = 5.0   # seconds for the W&B server to answer one HTTP request before the search goes offline
 WANDB_INIT_TIMEOUT = 60.0   # seconds wandb.init may take in online mode before the search goes offline
+
+
+def start_wandb(args, setup, directory, log):
+    """The W&B run of the search (None when disabled); online falls back to offline when wandb.init fails."""
+    mode = setup.wandb_mode
+    if setup.wandb_note:
+        log(setup.wandb_note)
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+    options = dict(project=args.project_name_wb, name=os.path.basename(directory), dir=directory,
+                   config=public_args(args), resume="allow", id=os.path.basename(directory).replace(".", "-")[:128],
+                   settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT))
+    try:
+        run = wandb.init(mode=mode, **options)
+    except Exception as e:  # noqa: BLE001 - W&B is a record of the search, never a reason to stop it
+        if mode != "online":
+            raise
+        log(f"W&B online start failed ({first_line(e)}); logging offline instead "
+            f"(wandb sync {os.path.join(directory, 'wandb')} later)")
+        mode = "offline"
+        run = wandb.init(mode=mode, **options)
+    log(f"W&B logging in {mode} mode (project {args.project_name_wb})")
+    return run
 
 
 def resolve_wandb_mode(requested):
@@ -1328,6 +1386,95 @@ def correctness_emergence(state):
             current[i] = recorded.get(f"candidate_{i}", current[i])
             rows[str(i)].append(current[i])
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end of a search: the final evaluation's metrics and the records derived from the state
+
+def final_tasks(directory, state):
+    """Every member on test, then on dev, then global_best/ on dev and on test (final_metrics reads the results
+    in that order); each writes its per-item results beside its weights (golds_preds_<split>.json)."""
+    members = [os.path.join(directory, f"candidate_{i}") for i in range(len(state["candidates"]))]
+    tasks = [EvaluateTask(path, state["candidates"][i]["version"], split,
+                          os.path.join(path, f"golds_preds_{split}.json"))
+             for split in ("test", "dev") for i, path in enumerate(members)]
+    best_dir = os.path.join(directory, "global_best")
+    # global_best/ changes only at commits: the iteration that wrote it is its version
+    return tasks + [EvaluateTask(best_dir, state["best"]["iteration"], split,
+                                 os.path.join(best_dir, f"golds_preds_{split}.json")) for split in ("dev", "test")]
+
+
+def final_metrics(state, args, results):
+    """(final_metrics.json's metrics, the published "final metrics for test" dict, its "final ensemble metrics for
+    dev" dict) from the results of final_tasks."""
+    s, n = state, len(state["candidates"])
+    test, dev = results[:n], results[n:2 * n]
+    best_dev, best_test = results[2 * n], results[2 * n + 1]
+    metrics = {
+        "starting_best_validation_utility": s["starting_best"]["utility"],
+        "starting_best_single_test_accuracy": s["starting_best"]["test_utility"],
+        "ending_best_validation_utility": s["best"]["utility"],
+        "ending_best_single_test_accuracy": best_test["utility"],
+        "ending_best_validation_utility_reevaluated": best_dev["utility"],
+        "starting_best_expert": s["starting_best"]["expert"],
+        "ending_best_candidate": f"candidate_{s['best']['candidate']}",
+        "ending_best_origin": best_origin(s),
+        "iterations": s["iteration"],
+        "optimizer": args.optimizer,
+        "dev_evaluations": s["evaluations"],
+    }
+    # the gain of the ending global best over the starting best, paired item by item
+    start = s["starting_best"]
+    for split, before, result in (("test", start.get("test_scores"), best_test),
+                                  ("dev", start.get("dev_scores"), best_dev)):
+        gain = paired_gain(before, (result.get("details") or {}).get("scores"),
+                           start["test_utility" if split == "test" else "utility"], result["utility"])
+        if gain is not None:
+            metrics[f"{split}_gain_over_starting_best"] = gain["gain"]
+            metrics[f"{split}_gain_paired_se"] = gain["se"]
+            metrics[f"{split}_gain_items"] = gain["items"]
+    metrics.update(ensembles([r.get("details") for r in test], [c["utility"] for c in s["candidates"]],
+                             args.eval_type))
+    for i, r in enumerate(test):
+        metrics[f"candidate_{i}_test_utility"] = r["utility"]
+    published, published_dev = published_metrics(s, args.eval_type, [r.get("details") for r in test],
+                                                  [r.get("details") for r in dev], best_dev, best_test)
+    metrics.update(published)
+    metrics.update(published_dev)
+    return metrics, published, published_dev
+
+
+def log_final_metrics(log, metrics, published, published_dev):
+    """The summary of the final metrics in log.txt, and the published lines for scripts written for its log.txt."""
+    for key in ("starting_best_validation_utility", "starting_best_single_test_accuracy",
+                "ending_best_validation_utility", "ending_best_single_test_accuracy"):
+        log(f"{key}: {metrics[key]:.4f}")
+    for split in ("test", "dev"):
+        if f"{split}_gain_over_starting_best" in metrics:
+            log(f"{split} gain of the ending best over the starting best: "
+                f"{metrics[f'{split}_gain_over_starting_best']:+.4f} ± {metrics[f'{split}_gain_paired_se']:.4f} "
+                f"(paired SE, {metrics[f'{split}_gain_items']} items)")
+        else:
+            log(f"{split} gain: no paired statistics (this objective's utility is not a mean of per-item scores)")
+    log(f"dev evaluations: {metrics['dev_evaluations']} ({metrics['optimizer']})")
+    for key, value in metrics.items():
+        if (key.startswith("top") and "ensemble" in key) or key.startswith("ending_best_single_dev_") or \
+                (key.startswith("ending_best_single_test_") and key != "ending_best_single_test_accuracy"):
+            log(f"{key}: {value:.4f}")
+    log("final metrics for test: " + str(published))
+    log("final ensemble metrics for dev: " + str(published_dev))
+
+
+def write_records(directory, state, args):
+    """The files derived from a finished search's state: rewritten by a resume of a finished search, so a fault
+    while they were written (a full disk) is repaired by --resume."""
+    write_json(os.path.join(directory, "final_metrics.json"), state["final_metrics"])
+    write_json(os.path.join(directory, "utility_scratchpad.json"), scratchpad(state))
+    if args.correctness_emergence:
+        atomic_write_text(os.path.join(directory, "correctness_emergence.json"),
+                          json.dumps(correctness_emergence(state)))
+    write_published_layout(directory, len(state["candidates"]), args.eval_type)
+    plot(state, directory, args.to_visualize)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1766,6 +1913,38 @@ def tidy(directory):
             shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
 
 
+def end_after_fault(error, search, directory, fresh):
+    """After a signal or a fault in a running search: close it, then either remove a fresh directory that holds
+    nothing worth resuming, or tidy the directory for --resume; one line on stderr. Returns the exit status."""
+    interrupted = isinstance(error, KeyboardInterrupt)
+    signum = INTERRUPTS.received or signal.SIGINT
+    what = f"interrupted ({signal.Signals(signum).name})" if interrupted else f"error: {describe_fault(error)}"
+    with INTERRUPTS:  # a second Ctrl-C must not cut the tidying short
+        if search is not None:
+            try:
+                search.close()
+            except Exception:  # noqa: BLE001 - the first fault is the one to report
+                pass
+        if directory is None or (not os.path.exists(os.path.join(directory, "state.json"))
+                                 and (fresh or search is None)):
+            # nothing worth resuming was written: leave no half-made search directory behind
+            if fresh and directory is not None:
+                shutil.rmtree(directory, ignore_errors=True)
+            print(f"search.py: {what} (before the first candidates were saved"
+                  + (f"; {directory} removed)" if fresh and directory else ")"), file=sys.stderr)
+        else:
+            tidy(directory)
+            hint = f"state saved. Resume with: python search.py --resume {directory}"
+            try:
+                search.log(what)
+                search.log(hint)
+            except (OSError, AttributeError):
+                pass
+            print(f"search.py: {what}; {hint}", file=sys.stderr)
+        INTERRUPTS.held = None
+    return 128 + signum if interrupted else 1
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     INTERRUPTS.install()
@@ -1800,33 +1979,7 @@ def main(argv=None):
         search.run()
         return 0
     except (KeyboardInterrupt, WorkerError, merge.MergeError, OSError) as e:
-        interrupted = isinstance(e, KeyboardInterrupt)
-        signum = INTERRUPTS.received or signal.SIGINT
-        what = f"interrupted ({signal.Signals(signum).name})" if interrupted else f"error: {describe_fault(e)}"
-        with INTERRUPTS:  # a second Ctrl-C must not cut the tidying short
-            if search is not None:
-                try:
-                    search.close()
-                except Exception:  # noqa: BLE001 - the first fault is the one to report
-                    pass
-            if directory is None or (not os.path.exists(os.path.join(directory, "state.json"))
-                                     and (fresh or search is None)):
-                # nothing worth resuming was written: leave no half-made search directory behind
-                if fresh and directory is not None:
-                    shutil.rmtree(directory, ignore_errors=True)
-                print(f"search.py: {what} (before the first candidates were saved"
-                      + (f"; {directory} removed)" if fresh and directory else ")"), file=sys.stderr)
-            else:
-                tidy(directory)
-                hint = f"state saved. Resume with: python search.py --resume {directory}"
-                try:
-                    search.log(what)
-                    search.log(hint)
-                except (OSError, AttributeError):
-                    pass
-                print(f"search.py: {what}; {hint}", file=sys.stderr)
-            INTERRUPTS.held = None
-        return 128 + signum if interrupted else 1
+        return end_after_fault(e, search, directory, fresh)
     finally:
         if search is not None:
             search.close()

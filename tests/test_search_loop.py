@@ -129,6 +129,38 @@ def test_paired_gain_on_a_constructed_example():
     assert paired_gain(before, after[:5]) is None and paired_gain(None, after) is None
 
 
+def test_an_update_moves_a_member_and_strays_are_the_stale_ones():
+    """take_update: an accepted update is the member's next version (stale back to 0 only when its utility rose);
+    a refused one leaves it one iteration staler. stray_members: the stale ones but the best, cut to the room the
+    evaluation budget leaves."""
+    from search import stray_members, take_update
+    member = {"utility": 0.5, "version": 2, "stale": 3, "trajectory": []}
+    take_update(member, {"accepted": True, "utility": 0.5, "projection": [0.1, 0.2]})
+    assert member == {"utility": 0.5, "version": 3, "stale": 4, "trajectory": [[0.1, 0.2]]}
+    take_update(member, {"accepted": True, "utility": 0.6})
+    assert (member["utility"], member["version"], member["stale"]) == (0.6, 4, 0)
+    take_update(member, {"accepted": False, "utility": 0.9})
+    assert (member["utility"], member["version"], member["stale"]) == (0.6, 4, 1)
+    members = [{"stale": stale} for stale in (5, 0, 7, 5, 2)]
+    assert stray_members(members, 5, best=2) == [0, 3]
+    assert stray_members(members, 5, best=1, room=1) == [0] and stray_members(members, 5, best=1, room=0) == []
+
+
+def test_the_search_modules_keep_the_issue_26_limits():
+    """Issue 26: no function over 60 lines and no class over 300 in the modules a reader of the search opens."""
+    import ast
+    too_long = []
+    for name in ("search.py", "workers.py", "evaluate.py", "merge.py", "bwr.py", "optimizers.py"):
+        with open(os.path.join(REPO, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                limit = 300 if isinstance(node, ast.ClassDef) else 60
+                if node.end_lineno - node.lineno + 1 > limit:
+                    too_long.append(f"{name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not too_long, too_long
+
+
 def test_paired_statistics_match_the_per_item_files(first_iteration):
     directory = first_iteration
     metrics, state = read(directory, "final_metrics.json"), read(directory, "state.json")
