@@ -44,6 +44,29 @@ def atomic_write_text(path, text, durable=True):
     atomic_write(path, write, durable)
 
 
+def write_json(path, obj, durable=True):
+    atomic_write_text(path, json.dumps(obj, indent=2), durable=durable)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_json_object(path):
+    """(object, None), or (None, why it is not a readable JSON object): for files a user or a crash may have
+    damaged, which are refused with one line rather than a traceback."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, OSError) as e:
+        text = str(e).strip()
+        return None, text.splitlines()[0] if text else type(e).__name__
+    if not isinstance(value, dict):
+        return None, f"a JSON object expected, found {type(value).__name__}"
+    return value, None
+
+
 def fsync_path(path):
     fd = os.open(path, os.O_RDONLY)  # files and folders alike
     try:

@@ -305,7 +305,7 @@ def score(model, tokenizer, tasks_text, split):
         for name, values in (("golds", golds), ("preds", preds), ("scores", scores), ("outputs", outputs)):
             values += items[name]
     utility = sum(p["utility"] for p in parts.values()) / len(parts)
-    # golds only where every task's metric is per-item accuracy (ensembles vote, search.ensembles); scores only
+    # golds only where every task's metric is per-item accuracy (ensembles vote, records.ensembles); scores only
     # where each is a number (paired statistics, score-averaging ensembles)
     voting = all((p.output_type, p.metric.split(",")[0]) in VOTING for p in plans)
     numeric = all(isinstance(s, float) for s in scores)

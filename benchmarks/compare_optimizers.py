@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # search.paired_gain for the paired table
+sys.path.insert(0, REPO)  # records.paired_gain for the paired table
 # the demo objective with search_demo.sh's scoring rules
 DEMO = ["-e", "exact_match", "-g", "cpu", "-i", "initial_experts/tiny/experts",
         "-b", "initial_experts/tiny/base_model", "--scoring", "strict"]
@@ -99,7 +99,7 @@ def test_scores(row):
 
 def paired_table(rows, labels):
     """Each variant against the first, seed by seed (same seed: same initial population and starting best)."""
-    from search import paired_gain  # the project's paired statistic; search.py imports no torch at import time
+    from records import paired_gain  # the project's paired statistic (records.py imports no torch)
     base = labels[0]
     head = f"{'variant - ' + base:<28}{'seed':>6}{'test diff ± item-paired SE':>30}"
     lines = [head, "-" * len(head)]

@@ -117,7 +117,7 @@ def test_max_evaluations_below_the_initial_population_is_refused(tiny, data, tmp
 
 
 def test_paired_gain_on_a_constructed_example():
-    from search import paired_gain
+    from records import paired_gain
     before = [1, 0, 0, 1, 1, 0]
     after = [1, 1, 0, 1, 0, 1]
     diffs = [0, 1, 0, 0, -1, 1]
