@@ -1,9 +1,9 @@
 """Regenerates docs/performance.md: a search iteration of this project against the published code path, side by
 side on this machine, at each program's default threads and at one thread each.
 
-    python benchmarks/performance_report.py                 # 3 repetitions per setting, about 15 minutes on 2 cores
-    python benchmarks/performance_report.py --repetitions 5 # tighter ranges
-    python benchmarks/performance_report.py --quick --out /tmp/performance.md   # one repetition on 100 items
+    .venv/bin/python benchmarks/performance_report.py                 # 3 repetitions per setting, about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/performance_report.py --repetitions 5 # tighter ranges
+    .venv/bin/python benchmarks/performance_report.py --quick --out /tmp/performance.md   # one repetition on 100 items
 
 The runs are those of `benchmarks/bench_search.py --sections 1 --start_methods fork` (its docstring says what each
 path does): this project's `search_demo.sh -m ITERATIONS` and `benchmarks/published_baseline.py` (the published
@@ -68,7 +68,7 @@ def profile_line(runs):
 
 
 def render(results, args, started, ended):
-    command = " ".join(["python benchmarks/performance_report.py", *(a for a in sys.argv[1:] if a != args.out
+    command = " ".join([".venv/bin/python benchmarks/performance_report.py", *(a for a in sys.argv[1:] if a != args.out
                                                                        and a != "--out")])
     lines = [
         "# Performance",
@@ -101,14 +101,14 @@ def render(results, args, started, ended):
               f"evaluation): {fmt([r['startup']['total'] for r in startup], 2, ' s')}.", "",
               "Other benchmarks (each prints its figures; not part of this page):", "",
               "| command | what it measures |", "|---|---|",
-              "| `python benchmarks/bench_search.py` | scaling with candidates x items, 1 vs 2 workers, worker memory "
+              "| `.venv/bin/python benchmarks/bench_search.py` | scaling with candidates x items, 1 vs 2 workers, worker memory "
               "over 20 iterations, peft mixed-adapter batches |",
-              "| `python benchmarks/bench_evaluate.py` | one evaluation: resident model vs the published load per "
+              "| `.venv/bin/python benchmarks/bench_evaluate.py` | one evaluation: resident model vs the published load per "
               "evaluation; `--mc_scoring logits` vs generate; greedy loop and prefix sharing vs `generate()` |",
-              "| `python benchmarks/bench_merge.py` | merge throughput on Gemma-7B-shaped adapters, in memory and "
+              "| `.venv/bin/python benchmarks/bench_merge.py` | merge throughput on Gemma-7B-shaped adapters, in memory and "
               "through disk |",
-              "| `python benchmarks/bench_tiny.py` | verifying and rebuilding the tiny population |",
-              "| `python benchmarks/bench_gpu.py` | a Gemma-7B-shaped iteration on one GPU (prefill, decode, "
+              "| `.venv/bin/python benchmarks/bench_tiny.py` | verifying and rebuilding the tiny population |",
+              "| `.venv/bin/python benchmarks/bench_gpu.py` | a Gemma-7B-shaped iteration on one GPU (prefill, decode, "
               "roofline); not yet run on a GPU |", ""]
     return "\n".join(lines)
 

@@ -174,59 +174,68 @@ def test_starter_scripts_use_the_published_iterations_and_project(script):
 # the README's commands
 
 DOC_PAGES = ["README.md", *sorted(f"docs/{p.name}" for p in (REPO / "docs").glob("*.md"))]
-ENV_PREFIX = re.compile(r"^(?:[A-Z_]+=\S* )+")  # GPUS=0,1 bash ..., RAY_AUTH_MODE=token python ...
+ENV_PREFIX = re.compile(r"^(?:[A-Z_]+=\S* )+")  # GPUS=0,1 bash ..., RAY_AUTH_MODE=token .venv/bin/python ...
+VENV = ".venv/bin/"  # the docs name the project's interpreter, so their commands run in a fresh shell as typed
+FRESH_SHELL = {"HOME": os.environ.get("HOME", "/root"), "PATH": "/usr/bin:/bin", **ENV}
 
 
 def readme_commands(pages=DOC_PAGES):
-    """Every command the README and the docs pages show: lines of their code blocks (continuation lines joined) and
-    `inline` commands, comments removed, environment assignments in front dropped."""
+    """Every command the README and the docs pages show, as written: lines of their code blocks (continuation
+    lines joined) and `inline` commands, comments removed, environment assignments in front dropped."""
     commands = []
     for page in pages:
         text = (REPO / page).read_text()
         for block in re.findall(r"```\n(.*?)```", text, re.S) + re.findall(r"\n((?:    \S.*\n)+)", text):
             block = re.sub(r"\\\n\s*", "", block)
             commands += [line.split("  #")[0].strip() for line in block.splitlines()]
-        commands += re.findall(r"`((?:[A-Z_]+=\S* )*(?:python|bash|hf|make) [^`]+)`", text)
+        commands += re.findall(r"`((?:[A-Z_]+=\S* )*(?:(?:\.venv/bin/)?(?:python|hf)|bash|make) [^`]+)`", text)
     commands = [ENV_PREFIX.sub("", c) for c in commands]
-    return [c for c in commands if re.match(r"(python|bash|hf|make|ray|conda)\b", c)]
+    return [c for c in commands if re.match(r"((\.venv/bin/)?(python|hf)|bash|make|ray|conda)\b", c)]
 
 
 def test_every_readme_command_names_something_that_exists():
-    venv_bin = Path(sys.executable).parent
     commands = readme_commands()
-    assert any(c.startswith("hf auth login") for c in commands)
+    assert any(c.startswith(VENV + "hf auth login") for c in commands)
     assert any("benchmarks/performance_report.py" in c for c in commands)
     for command in commands:
         words = command.split()
-        if words[0] == "python":
+        # a bare python or hf is not what a fresh shell after make demo has: they name the venv's
+        assert not re.match(r"(python|hf)\b", command), command
+        tool = words[0].removeprefix(VENV)
+        if tool == "python":
             script = words[2] if words[1] == "-m" else words[1]
             assert words[1] == "-m" or (REPO / script).is_file(), command
-        elif words[0] == "bash":
+        elif tool == "bash":
             assert "*" in words[1] or (REPO / words[1]).is_file(), command
-        elif words[0] == "hf":
+        elif tool == "hf":
             # the pinned huggingface_hub ships `hf` (not huggingface-cli): the subcommand must exist
             sub = [w for w in words[1:] if not w.startswith("-")][:2]
-            proc = subprocess.run([str(venv_bin / "hf"), *sub, "--help"], capture_output=True, text=True)
+            proc = subprocess.run([str(Path(sys.executable).parent / "hf"), *sub, "--help"], capture_output=True,
+                                  text=True)
             assert proc.returncode == 0, (command, proc.stderr[-500:])
-        elif words[0] == "make":
+        elif tool == "make":
             assert re.search(rf"^{words[1]}:", (REPO / "Makefile").read_text(), re.M), command
-        elif words[0] == "conda":
+        elif tool == "conda":
             assert (REPO / "bwr.yml").is_file()
 
 
 def test_every_python_command_of_the_docs_parses_its_arguments():
-    """Each `python <script> ARGS` the README and docs show, run with -h appended: the script imports in this
-    environment and every argument before -h has a valid flag, type and choice (argparse checks them in order)."""
+    """Each `.venv/bin/python <script> ARGS` the README and docs show, run as written from a fresh shell (no
+    environment activated, a bare PATH) with -h appended: the interpreter it names has what the script imports, and
+    every argument before -h has a valid flag, type and choice (argparse checks them in order)."""
+    if not (REPO / VENV / "python").exists():
+        pytest.skip("no .venv: make demo (or make test) builds it")
     seen = set()
     for command in readme_commands():
         words = command.split()
-        if words[0] != "python" or words[1] in ("-m", "-c") or command in seen:
+        if words[0] != VENV + "python" or words[1] in ("-m", "-c") or command in seen:
             continue
         seen.add(command)
         args = [a.strip("'\"") for a in words[2:] if a not in ("...",)]
-        proc = subprocess.run([sys.executable, words[1], *args, "-h"], cwd=REPO, capture_output=True, text=True,
-                              env={**os.environ, **ENV}, timeout=120)
+        proc = subprocess.run([words[0], words[1], *args, "-h"], cwd=REPO, capture_output=True, text=True,
+                              env=FRESH_SHELL, timeout=120)
         assert proc.returncode == 0 and "usage" in proc.stdout, (command, proc.stderr[-1000:])
+    assert len(seen) > 20
 
 
 def test_readme_commands_that_run_offline(tiny, tmp_path):
@@ -244,8 +253,9 @@ def test_readme_commands_that_run_offline(tiny, tmp_path):
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
     for command in ("initial_experts/expert_init.py", "data/prepare_data.py", "search.py"):
         subprocess.run([sys.executable, command, "-h"], cwd=REPO, env=env, check=True, capture_output=True)
-    # the README's quick search, verbatim (its output folder aside)
-    quick = next(c for c in readme_commands(["README.md"]) if c.startswith("python search.py -n quick"))
-    subprocess.run([sys.executable, *quick.split()[1:], "--output_root", str(tmp_path / "runs")], cwd=REPO, env=env,
+    # the README's quick search, verbatim from a fresh shell when the venv it names exists (its output folder aside)
+    quick = next(c for c in readme_commands(["README.md"]) if c.startswith(VENV + "python search.py -n quick"))
+    interpreter, fresh = (VENV + "python", FRESH_SHELL) if (REPO / VENV).is_dir() else (sys.executable, env)
+    subprocess.run([interpreter, *quick.split()[1:], "--output_root", str(tmp_path / "runs")], cwd=REPO, env=fresh,
                    check=True, capture_output=True, timeout=600)
     assert (only_dir(tmp_path / "runs") / "global_best").is_dir()
