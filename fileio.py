@@ -189,6 +189,15 @@ class DirectoryBusy(Exception):
         self.holder = holder
 
 
+def _holder_record(raw):
+    """HOLDER_FILE's contents as a dict; {} when missing or unreadable."""
+    try:
+        record = json.loads(raw) if raw is not None else {}
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 class DirectoryLock:
     """An exclusive advisory lock (flock) on <directory>/.lock, held for the life of one process.
 
@@ -212,31 +221,29 @@ class DirectoryLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(self.fd)
-                    raise DirectoryBusy(directory, self._read_holder(retry=True)) from None
+                    raise DirectoryBusy(directory, self._read_holder()) from None
                 time.sleep(min(poll, max(0.0, deadline - time.monotonic())))
-        try:  # kept as bytes too, so that a process that gives the directory back untouched can put it back
-            with open(os.path.join(directory, HOLDER_FILE), "rb") as f:
-                self.previous_bytes = f.read()
-        except OSError:
-            self.previous_bytes = None
-        self.previous = self._read_holder()
+        # kept as bytes too, so that a process that gives the directory back untouched can put it back as it was
+        self.previous_bytes = self._holder_bytes()
+        self.previous = _holder_record(self.previous_bytes)
         self.holder = {"host": socket.gethostname(), "pid": os.getpid(),
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         atomic_write_text(os.path.join(directory, HOLDER_FILE), json.dumps(self.holder))
 
-    def _read_holder(self, retry=False):
-        """The holder's record; a holder that has just taken the lock writes it a moment later (retry: wait 1 s)."""
-        path = os.path.join(self.directory, HOLDER_FILE)
-        for _ in range(10 if retry else 1):
-            try:
-                with open(path) as f:
-                    record = json.load(f)
-                if isinstance(record, dict):
-                    return record
-            except (OSError, ValueError):
-                pass
-            if retry:
-                time.sleep(0.1)
+    def _holder_bytes(self):
+        try:
+            with open(os.path.join(self.directory, HOLDER_FILE), "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+    def _read_holder(self):
+        """The other holder's record; one that has just taken the lock writes it a moment later (waits up to 1 s)."""
+        for _ in range(10):
+            record = _holder_record(self._holder_bytes())
+            if record:
+                return record
+            time.sleep(0.1)
         return {}
 
     def release(self, untouched=False):
