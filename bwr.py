@@ -288,3 +288,55 @@ def crossover(rng):
     """Weights (w, 1 - w) with w ~ U[0, 2] for mixing two experts into an initial one."""
     w = float(rng.uniform(0.0, 2.0))
     return w, 1.0 - w
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Early rejection (--early_reject): stop scoring a proposal once it cannot be kept. Greedy acceptance keeps a
+# proposal only if mean(s) > mean(m) over all N dev items (s: its per-item scores, m: its member's, both in
+# [low, high]). Items are scored in one fixed seeded order, in chunks; after each chunk of n items:
+#   exact:       even a perfect score on every unseen item leaves mean(s) <= mean(m): the full evaluation would
+#                reject it too, so every decision (and byte of the search) is that of a full evaluation;
+#   statistical: also when the Hoeffding-Serfling upper confidence bound on mean(s) at level alpha / looks lies
+#                below mean(m) (DESIGN.md, Early rejection). The seen items are a uniform sample without replacement
+#                of the dev set (the order is a seeded permutation, independent of any score); Serfling's bound
+#                holds at each look, and the union over the looks makes the chance of ever rejecting a proposal
+#                whose full mean beats its member's at most alpha.
+
+EARLY_REJECT_LOOKS = (0.25, 0.5, 0.75)  # where a proposal may stop, as shares of the dev set (docs/early_reject.md)
+
+
+def early_reject_chunks(n_items, looks=EARLY_REJECT_LOOKS):
+    """The cumulative item counts after which a proposal may be rejected, ending with n_items (distinct, > 0)."""
+    ends = sorted({min(n_items, max(1, int(round(share * n_items)))) for share in looks} | {n_items})
+    return [end for end in ends if end > 0]
+
+
+def item_order(n_items, seed):
+    """The fixed seeded order in which a search scores its dev items under --early_reject."""
+    return [int(i) for i in np.random.default_rng([int(seed), 29]).permutation(n_items)]
+
+
+def serfling_radius(n, n_items, score_range, delta):
+    """Hoeffding-Serfling (Serfling 1974): for n of n_items values in an interval of width score_range drawn
+    without replacement, P(population mean - sample mean >= radius) <= delta."""
+    if n >= n_items:
+        return 0.0
+    return score_range * math.sqrt((1.0 - (n - 1) / n_items) * math.log(1.0 / delta) / (2.0 * n))
+
+
+def cannot_win(seen_scores, member_scores, high, low, alpha=0.0, looks=len(EARLY_REJECT_LOOKS)):
+    """Whether a proposal whose first len(seen_scores) items (in the search's item order) scored seen_scores can be
+    rejected against its member's per-item scores member_scores (all N items): exactly (alpha 0: it cannot beat
+    the member even scoring high on every unseen item), or also statistically (alpha > 0, over `looks` looks)."""
+    n, n_items = len(seen_scores), len(member_scores)
+    if n == 0 or n >= n_items:
+        return False
+    seen, member = math.fsum(seen_scores), math.fsum(member_scores)
+    # a margin far above the rounding of two fsums and of mean(), so a tie in real numbers is never rejected
+    margin = 1e-9 * n_items * max(1.0, abs(high), abs(low))
+    if seen + (n_items - n) * high < member - margin:
+        return True
+    if alpha <= 0.0:
+        return False
+    upper_mean = seen / n + serfling_radius(n, n_items, high - low, alpha / looks)
+    return upper_mean * n_items < member - margin

@@ -310,7 +310,8 @@ def exact_match_tokens(tokenizer, data):
     """Tokens to generate after each question of a split, under the --scoring rules."""
     if OPTIONS["scoring"] == "published":
         return OPTIONS["max_new_tokens"] or PUBLISHED_EXACT_MATCH_TOKENS.get(data["name"], 10)
-    golds = [str(item["answer"]) for item in data["items"]]
+    # the whole split's golds, also when scoring a chunk of it (--early_reject): the same budget for every item
+    golds = [str(item["answer"]) for item in data.get("split_items", data["items"])]
     return exact_match_budget(tokenizer, golds, exact_match_rule(data["name"]))
 
 
@@ -594,13 +595,24 @@ class Scored:
     extra: dict = field(default_factory=dict)   # objective-specific fields: outputs, parts, rewards, ...
 
 
-def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None):
+def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None, items=None):
     """Scored result of the candidate in `model` on one split ("dev" or "test") of a dataset, by the scorer that
-    the eval type's row of data.schema.EVAL_TYPES names (docs/extending.md)."""
+    the eval type's row of data.schema.EVAL_TYPES names (docs/extending.md). items: only the split's items at
+    these indices, in this order (--early_reject's chunks; objectives with a data file only)."""
     scorer = scorer_of(eval_type)
     if EVAL_TYPES[eval_type].items is None:  # no data file of its own: a multitask domain, an lm-eval task list
+        if items is not None:
+            raise EvalError(f"eval type {eval_type!r} cannot score a subset of its items")
         return scorer(model, tokenizer, dataset, split, only_one_or_two)
-    return scorer(model, tokenizer, split_data(load_data(dataset, eval_type), split, dataset, eval_type))
+    data = split_data(load_data(dataset, eval_type), split, dataset, eval_type)
+    if items is not None:
+        data["split_items"], data["items"] = data["items"], [data["items"][i] for i in items]
+    return scorer(model, tokenizer, data)
+
+
+def split_size(eval_type, dataset, split):
+    """How many items a split of an objective with a data file holds."""
+    return len(load_data(dataset, eval_type)[split])
 
 
 def scorer_of(eval_type):
@@ -621,16 +633,18 @@ def score_lm_eval(model, tokenizer, tasks, split, only_one_or_two=None):
     return harness.score(model, tokenizer, tasks, split)
 
 
-def evaluate_split(model_path, eval_type, dataset, gpu_id, base_model, split, only_one_or_two=None, save=False):
+def evaluate_split(model_path, eval_type, dataset, gpu_id, base_model, split, only_one_or_two=None, save=False,
+                   items=None):
     """(utility, details) of a candidate on one split. details: {"golds", "preds", "scores"} per item, the
     objective's extra fields, then eval_type, dataset, split, utility, forward_seconds, swap_seconds and
-    total_seconds; save writes them to <model_path>/golds_preds_<split>.json when model_path is a folder."""
+    total_seconds; save writes them to <model_path>/golds_preds_<split>.json when model_path is a folder.
+    items: score only the split's items at these indices (see score)."""
     check_credentials(eval_type)
     _STATE["forward_seconds"] = _STATE["swap_seconds"] = 0.0
     start = time.perf_counter()
     host = get_host(base_model, gpu_id)
     model = host.load(model_path)
-    result = score(model, host.tokenizer, eval_type, dataset, split, only_one_or_two)
+    result = score(model, host.tokenizer, eval_type, dataset, split, only_one_or_two, items)
     details = {"golds": list(result.golds), "preds": list(result.preds), "scores": list(result.scores),
                **result.extra, "eval_type": eval_type, "dataset": dataset, "split": split,
                "utility": result.utility, "forward_seconds": _STATE["forward_seconds"],

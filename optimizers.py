@@ -68,6 +68,7 @@ class Optimizer:
     flags = ()         # its own command-line flags (Flag)
     over = "population"
     greedy = False     # keep an update only if it scores strictly better than the member's current utility
+    rejects_early = False  # --early_reject applies: greedy, and a rejected proposal's utility is read nowhere
     restarts = False   # search.py restarts stray members with restart()
     extremes = False   # over the population: search.py appends global_best/ and global_worst/ to the sources
 
@@ -124,6 +125,11 @@ def check_args(args, merge_params):
                 raise OptimizerArgsError(f"--{flag.name} is a {cls.name} setting; --optimizer {args.optimizer} does "
                                          f"not use it: use --optimizer {cls.name} or leave --{flag.name} out")
     chosen.check(args, merge_params)
+    if getattr(args, "early_reject", None) is not None and not (chosen.rejects_early and args.greedy):
+        able = ", ".join(name for name, cls in CLASSES.items() if cls.rejects_early)
+        raise OptimizerArgsError(f"--early_reject stops scoring proposals that cannot be kept, so it needs greedy "
+                                 f"acceptance whose rejected proposals no optimizer state reads: --optimizer {able} "
+                                 f"with --greedy 1 (not --optimizer {args.optimizer} --greedy {args.greedy})")
 
 
 def optimizers_help():
@@ -143,6 +149,7 @@ class BWR(Optimizer):
     by search.py as a crossover of the population's best and a random initial expert. --rule published_code runs
     PublishedBWR instead (make())."""
     name = "bwr"
+    rejects_early = True
     help = "the Best-Worst-Random rule"
     flags = (
         Flag("reset_mode", str, "scaled_random", "BWR reset branch: random * r3 (seed README) or uniform between "
@@ -206,6 +213,7 @@ class PublishedBWR(Optimizer):
     like any update, the best not exempt. Its staleness is its own state: the same rule as search.py's for the
     seed README's restarts (a member is fresh again when a kept update scores strictly higher)."""
     name = "bwr"
+    rejects_early = True
     extremes = True
 
     def __init__(self, args, n_experts, state=None):
@@ -417,6 +425,7 @@ class RandomSearch(Optimizer):
     weighted average, with up to 2x extrapolation of the total, as BWR's crossover draws w in [0, 2]). Greedy by
     default (--greedy): a member keeps the better of its current and new vector."""
     name = "random"
+    rejects_early = True
     help = "random search"
     over = "experts"
 

@@ -61,6 +61,9 @@ def final_metrics(state, args, results):
         "optimizer": args.optimizer,
         "dev_evaluations": s["evaluations"],
     }
+    if "dev_items" in s:  # --early_reject: dev items the iterations' proposals were scored on, and a full count
+        metrics["dev_items_evaluated"] = s["dev_items"]["evaluated"]
+        metrics["dev_items_full_evaluation"] = s["dev_items"]["full"]
     # the gain of the ending global best over the starting best, paired item by item
     start = s["starting_best"]
     for split, before, result in (("test", start.get("test_scores"), best_test),

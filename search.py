@@ -48,7 +48,7 @@ try:
                         read_json_object, sync_filesystem, write_json)
     from records import (compact_details, correctness_emergence, final_metrics, log_final_metrics,
                          published_args_text, scratchpad, write_records)
-    from workers import CandidateTask, EvaluateTask, LocalPool, Source, WorkerError, describe_task
+    from workers import CandidateTask, EarlyReject, EvaluateTask, LocalPool, Source, WorkerError, describe_task
 except ModuleNotFoundError as missing:  # started by an interpreter without the requirements (not .venv's)
     if __name__ != "__main__":
         raise
@@ -138,6 +138,10 @@ def add_merge_and_evaluation_flags(p):
     a("--greedy", type=int, default=1, choices=[0, 1],
       help="1: keep an update only if it scores strictly better (bwr, random; pso and cma_es always move)")
     a("--optimizer", default="bwr", choices=list(optimizers.CLASSES), help=optimizers.optimizers_help())
+    a("--early_reject", type=float, nargs="?", const=0.0, default=None, metavar="ALPHA",
+      help="stop scoring a proposal once it cannot be kept (greedy optimizers): alone, only when it cannot beat "
+           "its member even scoring the maximum on every unseen dev item (same results as without); with ALPHA, "
+           "also when a Hoeffding-Serfling bound gives it a chance below ALPHA (docs/early_reject.md)")
     a("--max_evaluations", type=int, default=None,
       help="stop after this many dev evaluations of candidates (the initial population's included; the final "
            "and the starting test evaluations are not counted)")
@@ -191,8 +195,13 @@ def add_optimizer_flags(parser):
 MAX_NAME_LENGTH = 100
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,%d}" % (MAX_NAME_LENGTH - 1))
 
+# why an objective has no score range for --early_reject (data/schema.py, EvalType.score_range)
+EARLY_REJECT_REFUSED = {"multitask": "a harmonic mean of two accuracies", "rm_default": "an unbounded reward",
+                        "lm_eval": "a mean over tasks of metrics that may be unbounded, scored by lm-eval in one pass"}
+
 NUMERIC_RULES = [  # (flag, test, what is valid)
     ("patience", lambda v: v >= 1, "an integer >= 1"),
+    ("early_reject", lambda v: v is None or 0 <= v < 1, "a level in [0, 1) (0 or none: exact)"),
     ("max_iteration", lambda v: v >= 0, "an integer >= 0"),
     ("step_length", lambda v: v > 0 and math.isfinite(v), "a number > 0"),
     ("step_length_factor", lambda v: 0 < v <= 1, "a number in (0, 1]"),
@@ -261,6 +270,10 @@ def validate_args(args, start_workers=None):
     if args.eval_type not in EVAL_TYPES:
         raise UsageError(f"unknown eval type {args.eval_type!r}; valid: {', '.join(EVAL_TYPES)}")
     check_lm_eval_flags(args)
+    if args.early_reject is not None and EVAL_TYPES[args.eval_type].score_range is None:
+        raise UsageError(f"--early_reject needs a utility that is the mean of bounded per-item scores; -e "
+                         f"{args.eval_type}'s is not ({EARLY_REJECT_REFUSED.get(args.eval_type, 'no score range')}): "
+                         f"leave --early_reject out")
     try:
         if args.eval_type != "lm_eval":
             load_eval_data(args.dataset, args.eval_type, data_dir=args.data_dir)
@@ -866,10 +879,15 @@ class Search:
         suffix = ".restart" if restart else ""
         if accept_if_above is not None and math.isnan(accept_if_above):
             accept_if_above = None
+        early = None
+        member_scores = self.state["candidates"][i].get("dev_scores") if self.state else None
+        if self.args.early_reject is not None and accept_if_above is not None and member_scores:
+            early = EarlyReject(alpha=self.args.early_reject, member_scores=tuple(member_scores),
+                                score_range=EVAL_TYPES[self.args.eval_type].score_range, order_seed=self.args.seed)
         return CandidateTask(name=f"candidate_{i}" + (" (restart)" if restart else ""), sources=tuple(sources),
                              update=update, split="dev", accept_if_above=accept_if_above,
                              save_to=self.files.staged(i, suffix), cache_as=(self.files.cand(i), version),
-                             merge_method=merge_method)
+                             merge_method=merge_method, early_reject=early)
 
     def run_tasks(self, tasks, description):
         from tqdm import tqdm
@@ -898,6 +916,10 @@ class Search:
         coefficients = [recipe_coefficients(recipe, len(experts)) for recipe in recipes]
         results = self.evaluate_initial(recipes, coefficients)
         self.state = initial_state(a.step_length, recipes, results, experts)
+        if a.early_reject is not None:  # each member's per-item dev scores, what its proposals are compared with
+            for c, result in zip(self.state["candidates"], results):
+                c["dev_scores"] = result["details"]["scores"]
+            self.state["dev_items"] = {"evaluated": 0, "full": 0}
         for i, c in enumerate(self.state["candidates"]):
             self.log(f"candidate_{i} ({c['origin']}): dev utility {c['utility']:.4f}")
         if a.correctness_emergence:
@@ -1042,11 +1064,13 @@ class Search:
             if result["accepted"]:
                 self.files.keep_restart(i)
                 c.update(utility=result["utility"], version=c["version"] + 1, stale=0)
+                if "dev_scores" in c:
+                    c["dev_scores"] = result["details"]["scores"]
                 it.restarted.append(i)
                 self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
             else:
-                self.log(f"candidate_{i}: restart scored {result['utility']:.4f}, not above its "
-                         f"{c['utility']:.4f}: not kept")
+                self.log(f"candidate_{i}: restart scored {result['utility']:.4f}{decided_by(result)}, not above "
+                         f"its {c['utility']:.4f}: not kept")
         if a.correctness_emergence:
             record_emergence(s, it.number, {i: r for i, r in zip(strays, it.restart_results) if r["accepted"]})
 
@@ -1069,13 +1093,19 @@ class Search:
         s["evaluations_history"].append(len(it.results) + len(it.restart_results))
         evaluated, workers = it.results + it.restart_results, len(self.setup.devices)
         profile = iteration_profile(evaluated, time.perf_counter() - it.started, workers)
+        if "dev_items" in s:  # --early_reject: dev items scored, against a full evaluation of each proposal
+            scored = [r["dev_items"] for r in evaluated if "dev_items" in r]
+            profile.update(dev_items=sum(scored), dev_items_full=len(scored) * len(s["candidates"][0]["dev_scores"]))
+            s["dev_items"] = {"evaluated": s["dev_items"]["evaluated"] + profile["dev_items"],
+                              "full": s["dev_items"]["full"] + profile["dev_items_full"]}
         s["profile"].append(profile)
         start = time.perf_counter()
         self.files.commit(s, moves + bw_moves)
         profile.update(iteration_profile(evaluated, time.perf_counter() - it.started, workers,
                                          commit=time.perf_counter() - start))
         self.log(iteration_line(s, it))
-        self.log("profile: " + " ".join(f"{key} {value:.3f}s" for key, value in profile.items()))
+        self.log("profile: " + " ".join(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.3f}s"
+                                        for key, value in profile.items()))
         if self.wandb is not None:
             self.wandb.log({"best": s["best"]["utility"], "worst": s["worst"]["utility"],
                             "step_length": s["step_length"], "accepted": it.accepted,
@@ -1204,10 +1234,22 @@ def outcome_lines(i, candidate, task, result):
     if branch:  # which branch of the published step this proposal took
         lines.append(f"candidate_{i}: {branch}: dev utility {result['utility']:.4f} against "
                      f"{candidate['utility']:.4f}, {'kept' if result['accepted'] else 'not kept'}")
+    if "dev_items" in result:  # --early_reject: how many dev items decided it
+        lines.append(f"candidate_{i}: proposal {'kept' if result['accepted'] else 'not kept'}, dev utility "
+                     f"{result['utility']:.4f}{decided_by(result)} against {candidate['utility']:.4f}")
     if result.get("rejected") or math.isnan(result["utility"]):
         lines.append(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
                      f"it keeps its weights")
     return lines
+
+
+def decided_by(result):
+    """--early_reject: ' (decided by n of N dev items)', or ' (partial: ...)' when it stopped early."""
+    if "dev_items" not in result:
+        return ""
+    if result["rejected_early"]:
+        return f" on the first {result['dev_items']} dev items (rejected early: it cannot be kept)"
+    return f" on all {result['dev_items']} dev items"
 
 
 def take_update(candidate, result):
@@ -1216,6 +1258,8 @@ def take_update(candidate, result):
     if result["accepted"]:
         candidate["stale"] = 0 if result["utility"] > candidate["utility"] else candidate["stale"] + 1
         candidate["utility"] = result["utility"]
+        if "dev_scores" in candidate:  # --early_reject compares its next proposal with these
+            candidate["dev_scores"] = result["details"]["scores"]
         candidate["version"] += 1
         if "projection" in result:
             candidate["trajectory"].append(result["projection"])

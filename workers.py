@@ -24,6 +24,7 @@ import math
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -67,6 +68,18 @@ class CandidateTask:
     save_to: str | None = None
     cache_as: tuple[str, int] | None = None
     merge_method: str | None = None
+    early_reject: "EarlyReject | None" = None
+
+
+@dataclass(frozen=True)
+class EarlyReject:
+    """--early_reject for one greedy candidate task: score its items in the search's seeded order, chunk by chunk,
+    and stop once bwr.cannot_win says it cannot be kept against member_scores (its member's per-item dev scores,
+    in the split's order). alpha 0: exact; > 0: statistical at that level."""
+    alpha: float
+    member_scores: tuple
+    score_range: tuple
+    order_seed: int
 
 
 @dataclass(frozen=True)
@@ -151,14 +164,38 @@ class TaskRunner:
             return self.evaluate_saved(task)
         raise TypeError(f"unknown task {type(task).__name__}")
 
-    def _evaluate(self, model, split):
+    def _evaluate(self, model, split, items=None):
         import evaluate
         cfg = self.config
         start = time.perf_counter()
         utility, details = evaluate.evaluate_split(model, cfg["eval_type"], cfg["dataset"], self.device,
                                                    cfg["base_model"], split, cfg.get("only_one_or_two"),
-                                                   save=split == "test")
+                                                   save=split == "test", items=items)
         return float(utility), details, time.perf_counter() - start
+
+    def _evaluate_until_rejected(self, model, split, early):
+        """--early_reject: (utility, details, seconds, items scored) of a candidate scored chunk by chunk in the
+        search's item order. Rejected early: the partial mean and details None. Scored in full: the utility and
+        details of one pass over the split, reassembled in the split's order (the items' scores are the same: they
+        do not depend on which other items share a batch, tests/test_early_reject.py)."""
+        import bwr
+        n_items = len(early.member_scores)
+        order = bwr.item_order(n_items, early.order_seed)
+        chunks, seconds, done = [], 0.0, 0
+        low, high = early.score_range
+        for end in bwr.early_reject_chunks(n_items):
+            _, details, spent = self._evaluate(model, split, items=order[done:end])
+            chunks.append((order[done:end], details))
+            seconds, done = seconds + spent, end
+            seen = [score for _, d in chunks for score in d["scores"]]
+            if end < n_items:
+                _driver_crash_point("chunk")
+            if bwr.cannot_win(seen, early.member_scores, high, low, early.alpha):
+                partial = {"forward_seconds": sum(d["forward_seconds"] for _, d in chunks),
+                           "swap_seconds": sum(d["swap_seconds"] for _, d in chunks)}
+                return math.fsum(seen) / len(seen), partial, seconds, done, True
+        details = _reassemble(chunks, n_items)
+        return details["utility"], details, seconds, n_items, False
 
     def candidate(self, task):
         import bwr
@@ -192,12 +229,17 @@ class TaskRunner:
             model, adapter_config = tmp, None
         timing["merge"] = time.perf_counter() - start
 
-        utility, details, seconds = self._evaluate((model, adapter_config) if isinstance(model, dict) else model,
-                                                task.split)
+        scored = (model, adapter_config) if isinstance(model, dict) else model
+        threshold, rejected_early, items = task.accept_if_above, False, None
+        if task.early_reject is not None and threshold is not None:
+            utility, details, seconds, items, rejected_early = self._evaluate_until_rejected(scored, task.split,
+                                                                                             task.early_reject)
+        else:
+            utility, details, seconds = self._evaluate(scored, task.split)
         timing.update(_eval_timing(details, seconds))
         projection = project(model) if self.config.get("to_visualize") and isinstance(model, dict) else None
-        threshold = task.accept_if_above
-        accepted = bwr.accept(math.nan if threshold is None else threshold, utility, greedy=threshold is not None)
+        accepted = not rejected_early and bwr.accept(math.nan if threshold is None else threshold, utility,
+                                                     greedy=threshold is not None)
         start = time.perf_counter()
         if accepted and task.save_to:
             if isinstance(model, dict):
@@ -211,7 +253,10 @@ class TaskRunner:
         elif not isinstance(model, dict):
             shutil.rmtree(model, ignore_errors=True)
         timing["write"] = time.perf_counter() - start
-        result = {"utility": utility, "accepted": accepted, "details": details, "timing": timing}
+        result = {"utility": utility, "accepted": accepted, "details": None if rejected_early else details,
+                  "timing": timing}
+        if items is not None:  # --early_reject: how many dev items decided it, and whether it stopped early
+            result.update(dev_items=items, rejected_early=rejected_early)
         if projection is not None:
             result["projection"] = projection
         return result
@@ -259,6 +304,44 @@ def _used_sources(sources, update, method):
         return sources, update
     used = [j for j, w in enumerate(update["weights"]) if w != 0.0] or [0]
     return [sources[j] for j in used], {**update, "weights": [update["weights"][j] for j in used]}
+
+
+_chunk_counts = {}
+
+
+def _driver_crash_point(name):
+    """Fault injection for the tests, as search.py's crash_point but counted in this worker: BWR_CRASH_AT=name:n
+    SIGKILLs the driver (a local worker's parent; the worker then dies with it) the n-th time the worker passes the
+    named point, in the middle of a task."""
+    target = os.environ.get("BWR_CRASH_AT")
+    if not target:
+        return
+    _chunk_counts[name] = _chunk_counts.get(name, 0) + 1
+    if target == f"{name}:{_chunk_counts[name]}":
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)  # killed meanwhile with the driver (_die_with_the_driver)
+
+
+def _reassemble(chunks, n_items):
+    """One split's details from its chunks' ([indices], details): per-item lists put back in the split's order,
+    counts and seconds summed, the utility the mean of the scores as score() computes it (every objective that
+    --early_reject accepts has the mean of its per-item scores as utility)."""
+    first = chunks[0][1]
+    details = {}
+    for key, value in first.items():
+        if isinstance(value, list):
+            merged = [None] * n_items
+            for indices, chunk in chunks:
+                for i, v in zip(indices, chunk[key]):
+                    merged[i] = v
+            details[key] = merged
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            details[key] = sum(chunk[key] for _, chunk in chunks)
+        else:
+            details[key] = value
+    scores = details["scores"]
+    details["utility"] = sum(scores) / len(scores) if scores else 0.0
+    return details
 
 
 def project(state):

@@ -70,6 +70,8 @@ class EvalType:
     published_vote: bool = False  # the published whole-population ensemble votes (else averages scores)
     credentials: dict = field(default_factory=dict)  # environment variable -> what it holds and where to get it,
                                                      # checked before a search starts
+    score_range: tuple | None = None  # (low, high) of a per-item score when the utility is their mean: what
+                                      # --early_reject needs; None: not a bounded mean (it is refused)
 
     def __post_init__(self):
         if self.items == PROMPT and self.prompts is not None and self.max_new_tokens is None:
@@ -82,26 +84,29 @@ class EvalType:
 _REWARD_MODEL_ROW = dict(prompts=plain_prompts, chat=True, max_new_tokens=200, scorer="score_reward_model")
 EVAL_TYPES = {
     "multiple_choice": EvalType(MC, "accuracy", "pick an option letter", "score_multiple_choice",
-                                multiple_choice_prompts, max_new_tokens=10, vote=True, published_vote=True),
+                                multiple_choice_prompts, max_new_tokens=10, vote=True, published_vote=True,
+                                score_range=(0.0, 1.0)),
     "exact_match": EvalType(EM, "accuracy", "generate the answer", "score_exact_match", question_prompts,
-                            vote=True),
+                            vote=True, score_range=(0.0, 1.0)),
     "multitask": EvalType(None, "harmonic mean of the two accuracies",
                           "a domain of two datasets, -d DOMAIN, --only_one_or_two picks one", "score_multitask",
                           published_vote=True),
     "AbstainQA": EvalType(MC, "effective reliability", "multiple choice where the model may abstain",
                           "score_abstain", abstain_prompts, max_new_tokens=10, generations=2, vote=True,
-                          published_vote=True),
+                          published_vote=True, score_range=(-1.0, 1.0)),
     "external_api": EvalType(PROMPT, "1 - toxicity", "continuations scored by the Perspective API",
-                             "score_external_api", plain_prompts, max_new_tokens=20, credentials={
+                             "score_external_api", plain_prompts, max_new_tokens=20, score_range=(0.0, 1.0),
+                             credentials={
                                  "PERSPECTIVE_API_KEY": "a Perspective API key "
                                                         "(https://developers.perspectiveapi.com/s/docs-get-started)"}),
     "rm_default": EvalType(PROMPT, "reward", "chat replies scored by the --reward_model", **_REWARD_MODEL_ROW),
     "rm_verbose": EvalType(PROMPT, "mean of sigmoid(reward) and length", "reward model, longer replies preferred",
-                           **_REWARD_MODEL_ROW),
+                           score_range=(0.0, 1.0), **_REWARD_MODEL_ROW),
     "rm_concise": EvalType(PROMPT, "mean of sigmoid(reward) and brevity", "reward model, shorter replies preferred",
-                           **_REWARD_MODEL_ROW),
+                           score_range=(0.0, 1.0), **_REWARD_MODEL_ROW),
     "human": EvalType(PROMPT, "judge rating 1..10", "chat replies rated by a Gemini judge on Vertex AI",
-                      "score_human", plain_prompts, chat=True, max_new_tokens=512, credentials={
+                      "score_human", plain_prompts, chat=True, max_new_tokens=512, score_range=(1.0, 10.0),
+                      credentials={
                           "GOOGLE_CLOUD_PROJECT": "a Google Cloud project for the Gemini judge on Vertex AI "
                                                   "(GOOGLE_CLOUD_LOCATION optional, default us-central1)"}),
     # no data/eval file: lm-eval loads the tasks named by --lm_eval_tasks and builds their prompts (harness.py);

@@ -230,6 +230,16 @@ BAD_CASES = {
                        "safe_serialization"),
     "base model mismatch": (lambda t, tiny: replace(BASE, "-b", str(t / "nomodel")), "base model"),
     "bad merge params json": (lambda t, tiny: BASE + ["--merge_params", "{threshold: 1"], "merge_params"),
+    "early rejection of an unbounded reward": (
+        lambda t, tiny: replace(replace(BASE, "-e", "rm_default"), "-d", "tiny_rm") + ["--early_reject"],
+        "an unbounded reward"),
+    "early rejection of a harmonic mean": (
+        lambda t, tiny: replace(replace(BASE, "-e", "multitask"), "-d", "science") + ["--early_reject"],
+        "harmonic mean"),
+    "early rejection with pso": (lambda t, tiny: BASE + ["--optimizer", "pso", "--early_reject", "0.01"],
+                                 "needs greedy acceptance"),
+    "early rejection without greedy": (lambda t, tiny: BASE + ["--greedy", "0", "--early_reject"], "--greedy 1"),
+    "early rejection level": (lambda t, tiny: BASE + ["--early_reject", "1.5"], "--early_reject 1.5 is out of range"),
     "unknown merge param": (lambda t, tiny: BASE + ["--merge_method", "ties", "--merge_params", '{"thresh": 1}'],
                             "thresh"),
     "unknown merge method": (lambda t, tiny: BASE + ["--merge_method", "soup"], "soup"),
