@@ -876,18 +876,13 @@ class Search:
         """The one place a candidate task is built: member i's next version (cached by the workers as version),
         staged until the commit; a restart is staged beside the iteration's update, which it replaces only once
         accepted. A NaN threshold is none: any non-NaN utility is accepted."""
-        suffix = ".restart" if restart else ""
         if accept_if_above is not None and math.isnan(accept_if_above):
             accept_if_above = None
-        early = None
-        member_scores = self.state["candidates"][i].get("dev_scores") if self.state else None
-        if self.args.early_reject is not None and accept_if_above is not None and member_scores:
-            early = EarlyReject(alpha=self.args.early_reject, member_scores=tuple(member_scores),
-                                score_range=EVAL_TYPES[self.args.eval_type].score_range, order_seed=self.args.seed)
         return CandidateTask(name=f"candidate_{i}" + (" (restart)" if restart else ""), sources=tuple(sources),
                              update=update, split="dev", accept_if_above=accept_if_above,
-                             save_to=self.files.staged(i, suffix), cache_as=(self.files.cand(i), version),
-                             merge_method=merge_method, early_reject=early)
+                             save_to=self.files.staged(i, ".restart" if restart else ""),
+                             cache_as=(self.files.cand(i), version), merge_method=merge_method,
+                             early_reject=early_rejection(self.args, self.state, i, accept_if_above))
 
     def run_tasks(self, tasks, description):
         from tqdm import tqdm
@@ -898,9 +893,6 @@ class Search:
                     self.log(f"{describe_task(tasks[index])}: warning: {warning}")
                 crash_point("evaluation")  # the other workers are still merging and evaluating
             return self.pool.run(tasks, on_result=on_result)
-
-    def utilities(self):
-        return [c["utility"] for c in self.state["candidates"]]
 
     # -- initialisation: iteration 0
     def initialise(self):
@@ -916,10 +908,7 @@ class Search:
         coefficients = [recipe_coefficients(recipe, len(experts)) for recipe in recipes]
         results = self.evaluate_initial(recipes, coefficients)
         self.state = initial_state(a.step_length, recipes, results, experts)
-        if a.early_reject is not None:  # each member's per-item dev scores, what its proposals are compared with
-            for c, result in zip(self.state["candidates"], results):
-                c["dev_scores"] = result["details"]["scores"]
-            self.state["dev_items"] = {"evaluated": 0, "full": 0}
+        start_early_rejection(self.state, results, a)
         for i, c in enumerate(self.state["candidates"]):
             self.log(f"candidate_{i} ({c['origin']}): dev utility {c['utility']:.4f}")
         if a.correctness_emergence:
@@ -928,7 +917,7 @@ class Search:
         self.state["starting_details"] = {"dev": compact_details([r.get("details") for r in results]), "test": None}
         self.evaluate_starting_test()
         self.optimizer = optimizers.make(a, len(experts))
-        self.optimizer.start(coefficients, self.utilities(), rng)
+        self.optimizer.start(coefficients, member_utilities(self.state), rng)
         self.state["optimizer"] = self.optimizer.state()
         moves = [[self.files.staged(i), self.files.cand(i)] for i in range(len(recipes))]
         moves += self.best_worst_moves(None)[0]
@@ -971,7 +960,7 @@ class Search:
         them) and return the folder moves that record a new one's weights. history["worst"] is the population's
         worst per iteration (the utility curve)."""
         s = self.state
-        u = self.utilities()
+        u = member_utilities(self.state)
         best = max(range(len(u)), key=lambda i: (u[i], -i))
         worst = min(range(len(u)), key=lambda i: (u[i], i))
         moves = []
@@ -1008,7 +997,7 @@ class Search:
         n = len(s["candidates"])
         skip_iteration = rng.random() < a.dropK if a.dropK > 0 else False
         self.files.fresh_staging(it.number)
-        opt.begin(self.utilities(), s["step_length"], rng)
+        opt.begin(member_utilities(self.state), s["step_length"], rng)
         if opt.over == "population":
             sources = self.files.sources(s) + (self.files.extreme_sources(s) if opt.extremes else [])
         else:
@@ -1064,8 +1053,7 @@ class Search:
             if result["accepted"]:
                 self.files.keep_restart(i)
                 c.update(utility=result["utility"], version=c["version"] + 1, stale=0)
-                if "dev_scores" in c:
-                    c["dev_scores"] = result["details"]["scores"]
+                remember_scores(c, result)
                 it.restarted.append(i)
                 self.log(f"candidate_{i}: restarted (stray), dev utility {result['utility']:.4f}")
             else:
@@ -1093,19 +1081,14 @@ class Search:
         s["evaluations_history"].append(len(it.results) + len(it.restart_results))
         evaluated, workers = it.results + it.restart_results, len(self.setup.devices)
         profile = iteration_profile(evaluated, time.perf_counter() - it.started, workers)
-        if "dev_items" in s:  # --early_reject: dev items scored, against a full evaluation of each proposal
-            scored = [r["dev_items"] for r in evaluated if "dev_items" in r]
-            profile.update(dev_items=sum(scored), dev_items_full=len(scored) * len(s["candidates"][0]["dev_scores"]))
-            s["dev_items"] = {"evaluated": s["dev_items"]["evaluated"] + profile["dev_items"],
-                              "full": s["dev_items"]["full"] + profile["dev_items_full"]}
+        count_dev_items(s, profile, evaluated)
         s["profile"].append(profile)
         start = time.perf_counter()
         self.files.commit(s, moves + bw_moves)
         profile.update(iteration_profile(evaluated, time.perf_counter() - it.started, workers,
                                          commit=time.perf_counter() - start))
         self.log(iteration_line(s, it))
-        self.log("profile: " + " ".join(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.3f}s"
-                                        for key, value in profile.items()))
+        self.log(profile_line(profile))
         if self.wandb is not None:
             self.wandb.log({"best": s["best"]["utility"], "worst": s["worst"]["utility"],
                             "step_length": s["step_length"], "accepted": it.accepted,
@@ -1175,6 +1158,10 @@ class Search:
 # ----------------------------------------------------------------------------------------------------------------
 # The search's steps as plain functions over the state
 
+def member_utilities(state):
+    return [c["utility"] for c in state["candidates"]]
+
+
 def initial_recipes(n_experts, size, rng):
     """The initial population as recipes over the experts: each expert as it is, then (--populate_initial_experts)
     crossover children of random pairs of experts up to size members."""
@@ -1243,6 +1230,42 @@ def outcome_lines(i, candidate, task, result):
     return lines
 
 
+def start_early_rejection(state, results, args):
+    """--early_reject: each initial member's per-item dev scores, which its proposals are compared with, and the
+    dev item counters."""
+    if args.early_reject is None:
+        return
+    for c, result in zip(state["candidates"], results):
+        c["dev_scores"] = result["details"]["scores"]
+    state["dev_items"] = {"evaluated": 0, "full": 0}
+
+
+def early_rejection(args, state, i, threshold):
+    """The EarlyReject of member i's next task under --early_reject when it is greedy (a threshold), else None."""
+    scores = state["candidates"][i].get("dev_scores") if state else None
+    if args.early_reject is None or not scores or threshold is None:
+        return None
+    return EarlyReject(alpha=args.early_reject, member_scores=tuple(scores),
+                       score_range=EVAL_TYPES[args.eval_type].score_range, order_seed=args.seed)
+
+
+def remember_scores(candidate, result):
+    """--early_reject: a member that took an update is compared with the update's per-item dev scores from now on."""
+    if "dev_scores" in candidate:
+        candidate["dev_scores"] = result["details"]["scores"]
+
+
+def count_dev_items(state, profile, evaluated):
+    """--early_reject: the dev items the iteration's proposals were scored on, against a full evaluation of each,
+    into its profile and the search's totals."""
+    if "dev_items" not in state:
+        return
+    scored = [r["dev_items"] for r in evaluated if "dev_items" in r]
+    profile.update(dev_items=sum(scored), dev_items_full=len(scored) * len(state["candidates"][0]["dev_scores"]))
+    state["dev_items"] = {"evaluated": state["dev_items"]["evaluated"] + profile["dev_items"],
+                          "full": state["dev_items"]["full"] + profile["dev_items_full"]}
+
+
 def decided_by(result):
     """--early_reject: ' (decided by n of N dev items)', or ' (partial: ...)' when it stopped early."""
     if "dev_items" not in result:
@@ -1258,8 +1281,7 @@ def take_update(candidate, result):
     if result["accepted"]:
         candidate["stale"] = 0 if result["utility"] > candidate["utility"] else candidate["stale"] + 1
         candidate["utility"] = result["utility"]
-        if "dev_scores" in candidate:  # --early_reject compares its next proposal with these
-            candidate["dev_scores"] = result["details"]["scores"]
+        remember_scores(candidate, result)
         candidate["version"] += 1
         if "projection" in result:
             candidate["trajectory"].append(result["projection"])
@@ -1295,6 +1317,12 @@ def iteration_profile(results, wall, workers, commit=0.0):
             totals[key] = totals.get(key, 0.0) + value
     busy = sum(totals.values()) / max(1, workers)
     return {"wall": wall, **totals, "commit": commit, "driver_ipc": max(wall - busy - commit, 0.0)}
+
+
+def profile_line(profile):
+    """log.txt's line about an iteration's profile: seconds, and (--early_reject) dev item counts."""
+    return "profile: " + " ".join(f"{key} {value}" if isinstance(value, int) else f"{key} {value:.3f}s"
+                                  for key, value in profile.items())
 
 
 def iteration_line(state, it):

@@ -174,8 +174,9 @@ class TaskRunner:
         return float(utility), details, time.perf_counter() - start
 
     def _evaluate_until_rejected(self, model, split, early):
-        """--early_reject: (utility, details, seconds, items scored) of a candidate scored chunk by chunk in the
-        search's item order. Rejected early: the partial mean and details None. Scored in full: the utility and
+        """--early_reject: (utility, details, seconds, {"dev_items": items scored, "rejected_early": bool}) of a
+        candidate scored chunk by chunk in the search's item order. Rejected early: the partial mean and only the
+        timing in details. Scored in full: the utility and
         details of one pass over the split, reassembled in the split's order (the items' scores are the same: they
         do not depend on which other items share a batch, tests/test_early_reject.py)."""
         import bwr
@@ -193,9 +194,9 @@ class TaskRunner:
             if bwr.cannot_win(seen, early.member_scores, high, low, early.alpha):
                 partial = {"forward_seconds": sum(d["forward_seconds"] for _, d in chunks),
                            "swap_seconds": sum(d["swap_seconds"] for _, d in chunks)}
-                return math.fsum(seen) / len(seen), partial, seconds, done, True
+                return math.fsum(seen) / len(seen), partial, seconds, {"dev_items": done, "rejected_early": True}
         details = _reassemble(chunks, n_items)
-        return details["utility"], details, seconds, n_items, False
+        return details["utility"], details, seconds, {"dev_items": n_items, "rejected_early": False}
 
     def candidate(self, task):
         import bwr
@@ -230,16 +231,15 @@ class TaskRunner:
         timing["merge"] = time.perf_counter() - start
 
         scored = (model, adapter_config) if isinstance(model, dict) else model
-        threshold, rejected_early, items = task.accept_if_above, False, None
+        threshold, counts = task.accept_if_above, {}
         if task.early_reject is not None and threshold is not None:
-            utility, details, seconds, items, rejected_early = self._evaluate_until_rejected(scored, task.split,
-                                                                                             task.early_reject)
+            utility, details, seconds, counts = self._evaluate_until_rejected(scored, task.split, task.early_reject)
         else:
             utility, details, seconds = self._evaluate(scored, task.split)
         timing.update(_eval_timing(details, seconds))
         projection = project(model) if self.config.get("to_visualize") and isinstance(model, dict) else None
-        accepted = not rejected_early and bwr.accept(math.nan if threshold is None else threshold, utility,
-                                                     greedy=threshold is not None)
+        accepted = not counts.get("rejected_early") and bwr.accept(math.nan if threshold is None else threshold,
+                                                                   utility, greedy=threshold is not None)
         start = time.perf_counter()
         if accepted and task.save_to:
             if isinstance(model, dict):
@@ -253,10 +253,8 @@ class TaskRunner:
         elif not isinstance(model, dict):
             shutil.rmtree(model, ignore_errors=True)
         timing["write"] = time.perf_counter() - start
-        result = {"utility": utility, "accepted": accepted, "details": None if rejected_early else details,
-                  "timing": timing}
-        if items is not None:  # --early_reject: how many dev items decided it, and whether it stopped early
-            result.update(dev_items=items, rejected_early=rejected_early)
+        result = {"utility": utility, "accepted": accepted,
+                  "details": None if counts.get("rejected_early") else details, "timing": timing, **counts}
         if projection is not None:
             result["projection"] = projection
         return result

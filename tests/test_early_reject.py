@@ -4,7 +4,6 @@ alpha of the time; a search killed part-way through a proposal's chunks resumes 
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 
@@ -149,8 +148,8 @@ def test_a_chunked_evaluation_equals_one_pass(tiny, data):
         utility, details, _ = runner._evaluate(adapter, "dev")
         n = len(details["scores"])
         never = EarlyReject(alpha=0.0, member_scores=(0.0,) * n, score_range=(0.0, 1.0), order_seed=5)
-        chunked, chunk_details, _, items, stopped = runner._evaluate_until_rejected(adapter, "dev", never)
-        assert (chunked, items, stopped) == (utility, n, False)
+        chunked, chunk_details, _, counts = runner._evaluate_until_rejected(adapter, "dev", never)
+        assert (chunked, counts) == (utility, {"dev_items": n, "rejected_early": False})
         for key in ("golds", "preds", "scores", "outputs", "utility"):
             assert chunk_details[key] == details[key], key
         evaluate.configure(reset=True)

@@ -136,8 +136,9 @@ import ray
     assert os.path.exists(os.path.join(only_dir(tmp_path / "local"), "final_metrics.json"))
 
 
-@pytest.mark.parametrize("flags", [("--optimizer", "pso"), ("--rule", "published_code", "-p", "4")],
-                         ids=["pso", "published_rule"])
+@pytest.mark.parametrize("flags", [("--optimizer", "pso"), ("--rule", "published_code", "-p", "4"),
+                                   ("--early_reject", "0.01")],
+                         ids=["pso", "published_rule", "early_reject"])
 def test_ray_backend_matches_local_backend_for_pso(flags, tiny, data, tmp_path):
     """A non-BWR optimizer (candidates merged from the initial experts) on Ray: the same bytes as locally; and
     BWR's published-code rule, whose sources include global_best/ and global_worst/ (-p 4: iteration 2 restarts)."""

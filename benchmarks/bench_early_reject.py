@@ -1,0 +1,98 @@
+"""--early_reject against full evaluation, seed by seed, on the demo (search_demo.sh's settings, 15 iterations).
+
+    .venv/bin/python benchmarks/bench_early_reject.py                      # seeds 42 1 2 3 4, exact and ALPHA 0.01
+    .venv/bin/python benchmarks/bench_early_reject.py --seeds 42 --alphas 0.01 0.05 -- --num_cpu_when_merging 1
+
+Per seed, one run without --early_reject and one per mode, each through search.py as a subprocess, one at a time.
+The table gives for each run: whether utility_scratchpad.json, global_best/'s weights and final_metrics.json (timings
+and item counts aside) are byte-identical to the full run's; the dev items its iterations scored against a full
+evaluation of every proposal (and the ratio); the mean and median wall seconds per iteration (from state.json's
+profile); and the ending test gain over the starting best with its paired SE. Extra search.py arguments go after --.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = ["-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", "initial_experts/tiny/experts",
+        "-b", "initial_experts/tiny/base_model", "-p", "6", "-m", "15", "--step_length", "1.0",
+        "--reset_mode", "bounds", "--scoring", "strict"]
+
+
+def run(root, name, seed, flags, extra):
+    args = [sys.executable, "search.py", "-n", name, "--output_root", root, "--seed", str(seed), *DEMO, *flags, *extra]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"bench_early_reject: {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    directory = os.path.join(root, next(d for d in os.listdir(root) if d.startswith(name + "_") or d == name))
+    state = json.load(open(os.path.join(directory, "state.json")))
+    walls = [p["wall"] for p in state["profile"]]
+    return {"dir": directory, "seconds": time.perf_counter() - start, "state": state,
+            "metrics": json.load(open(os.path.join(directory, "final_metrics.json"))),
+            "wall_mean": statistics.mean(walls), "wall_median": statistics.median(walls)}
+
+
+def comparable(metrics):
+    return {k: v for k, v in metrics.items() if not k.startswith("dev_items") and "seconds" not in k
+            and "time" not in k}
+
+
+def same_bytes(a, b):
+    files = ("utility_scratchpad.json", os.path.join("global_best", "adapter_model.safetensors"))
+    equal = all(open(os.path.join(a["dir"], f), "rb").read() == open(os.path.join(b["dir"], f), "rb").read()
+                for f in files)
+    return equal and comparable(a["metrics"]) == comparable(b["metrics"])
+
+
+def row(seed, label, result, full):
+    m = result["metrics"]
+    items = m.get("dev_items_evaluated")
+    total = m.get("dev_items_full_evaluation")
+    shown = f"{items:>7d} / {total:<7d} {total / items:5.2f}x" if items else f"{'(all)':>23s}"
+    gain = f"{m['test_gain_over_starting_best']:+.4f} ± {m['test_gain_paired_se']:.4f}"
+    diff = m["ending_best_single_test_accuracy"] - full["metrics"]["ending_best_single_test_accuracy"]
+    print(f"| {seed:>4} | {label:<11} | {'yes' if same_bytes(result, full) else 'no':>9} | {shown} | "
+          f"{result['wall_mean']:.3f} / {result['wall_median']:.3f} | {gain} | {diff:+.4f} |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.01], help="statistical modes to run")
+    p.add_argument("extra", nargs="*", help="search.py arguments for every run (after --)")
+    a = p.parse_args()
+    modes = [("exact", ["--early_reject"])] + [(f"alpha {x:g}", ["--early_reject", str(x)]) for x in a.alphas]
+    print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
+          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'default')}, load {os.getloadavg()[0]:.2f}")
+    print("| seed | mode        | same bytes | dev items scored / full, fewer | s per iteration mean / median | "
+          "test gain ± paired SE | test vs full |")
+    print("|---|---|---|---|---|---|---|")
+    totals = {}
+    with tempfile.TemporaryDirectory() as root:
+        for seed in a.seeds:
+            full = run(root, f"full{seed}", seed, [], a.extra)
+            row(seed, "full", full, full)
+            for label, flags in modes:
+                result = run(root, f"{label.replace(' ', '')}{seed}", seed, flags, a.extra)
+                row(seed, label, result, full)
+                t = totals.setdefault(label, [0, 0, [], []])
+                t[0] += result["metrics"]["dev_items_evaluated"]
+                t[1] += result["metrics"]["dev_items_full_evaluation"]
+                t[2].append(result["wall_mean"])
+                t[3].append(full["wall_mean"])
+    for label, (items, total, walls, full_walls) in totals.items():
+        print(f"{label}: {total / items:.2f}x fewer dev items over {len(a.seeds)} seeds; "
+              f"{statistics.mean(full_walls) / statistics.mean(walls):.2f}x faster per iteration "
+              f"({statistics.mean(walls):.3f} s against {statistics.mean(full_walls):.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
