@@ -61,9 +61,9 @@ def final_metrics(state, args, results):
         "optimizer": args.optimizer,
         "dev_evaluations": s["evaluations"],
     }
-    if "dev_items" in s:  # --early_reject: dev items the iterations' proposals were scored on, and a full count
-        metrics["dev_items_evaluated"] = s["dev_items"]["evaluated"]
-        metrics["dev_items_full_evaluation"] = s["dev_items"]["full"]
+    if args.early_reject is not None:  # dev items the iterations' proposals were scored on
+        metrics["dev_items_evaluated"] = sum(p.get("dev_items", 0) for p in s["profile"])
+        metrics["dev_items_full_evaluation"] = sum(p.get("dev_items_full", 0) for p in s["profile"])
     # the gain of the ending global best over the starting best, paired item by item
     start = s["starting_best"]
     for split, before, result in (("test", start.get("test_scores"), best_test),

@@ -48,7 +48,8 @@ try:
                         read_json_object, sync_filesystem, write_json)
     from records import (compact_details, correctness_emergence, final_metrics, log_final_metrics,
                          published_args_text, scratchpad, write_records)
-    from workers import CandidateTask, EarlyReject, EvaluateTask, LocalPool, Source, WorkerError, describe_task
+    from workers import (CandidateTask, EarlyReject, EvaluateTask, LocalPool, Source, WorkerError, crash_point,
+                         describe_task)
 except ModuleNotFoundError as missing:  # started by an interpreter without the requirements (not .venv's)
     if __name__ != "__main__":
         raise
@@ -602,20 +603,6 @@ def _check_base_model_fits(expert, shapes, base_model, trust_remote_code):
 # ----------------------------------------------------------------------------------------------------------------
 # Files of a search directory
 
-_crash_counts = {}
-
-
-def crash_point(name):
-    """Fault injection for the crash-safety tests: BWR_CRASH_AT=name:n SIGKILLs this process the n-th time it
-    passes the named point, exactly like a power cut or the OOM killer would."""
-    target = os.environ.get("BWR_CRASH_AT")
-    if not target:
-        return
-    _crash_counts[name] = _crash_counts.get(name, 0) + 1
-    if target == f"{name}:{_crash_counts[name]}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def write_state(directory, state):
     """state.json: on one line, because it is rewritten every iteration and grows with them (profiles, histories,
     --correctness_emergence's per-item scores), and json's C encoder only serves unindented output (3-5x faster)."""
@@ -1081,7 +1068,7 @@ class Search:
         s["evaluations_history"].append(len(it.results) + len(it.restart_results))
         evaluated, workers = it.results + it.restart_results, len(self.setup.devices)
         profile = iteration_profile(evaluated, time.perf_counter() - it.started, workers)
-        count_dev_items(s, profile, evaluated)
+        count_dev_items(a, s, profile, evaluated)
         s["profile"].append(profile)
         start = time.perf_counter()
         self.files.commit(s, moves + bw_moves)
@@ -1231,13 +1218,11 @@ def outcome_lines(i, candidate, task, result):
 
 
 def start_early_rejection(state, results, args):
-    """--early_reject: each initial member's per-item dev scores, which its proposals are compared with, and the
-    dev item counters."""
+    """--early_reject: each initial member's per-item dev scores, which its proposals are compared with."""
     if args.early_reject is None:
         return
     for c, result in zip(state["candidates"], results):
         c["dev_scores"] = result["details"]["scores"]
-    state["dev_items"] = {"evaluated": 0, "full": 0}
 
 
 def early_rejection(args, state, i, threshold):
@@ -1255,15 +1240,13 @@ def remember_scores(candidate, result):
         candidate["dev_scores"] = result["details"]["scores"]
 
 
-def count_dev_items(state, profile, evaluated):
+def count_dev_items(args, state, profile, evaluated):
     """--early_reject: the dev items the iteration's proposals were scored on, against a full evaluation of each,
-    into its profile and the search's totals."""
-    if "dev_items" not in state:
+    into its profile (final_metrics.json sums them)."""
+    if args.early_reject is None:
         return
     scored = [r["dev_items"] for r in evaluated if "dev_items" in r]
     profile.update(dev_items=sum(scored), dev_items_full=len(scored) * len(state["candidates"][0]["dev_scores"]))
-    state["dev_items"] = {"evaluated": state["dev_items"]["evaluated"] + profile["dev_items"],
-                          "full": state["dev_items"]["full"] + profile["dev_items_full"]}
 
 
 def decided_by(result):

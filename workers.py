@@ -190,7 +190,7 @@ class TaskRunner:
             seconds, done = seconds + spent, end
             seen = [score for _, d in chunks for score in d["scores"]]
             if end < n_items:
-                _driver_crash_point("chunk")
+                crash_point("chunk", driver=True)
             if bwr.cannot_win(seen, early.member_scores, high, low, early.alpha):
                 partial = {"forward_seconds": sum(d["forward_seconds"] for _, d in chunks),
                            "swap_seconds": sum(d["swap_seconds"] for _, d in chunks)}
@@ -304,20 +304,20 @@ def _used_sources(sources, update, method):
     return [sources[j] for j in used], {**update, "weights": [update["weights"][j] for j in used]}
 
 
-_chunk_counts = {}
+_crash_counts = {}
 
 
-def _driver_crash_point(name):
-    """Fault injection for the tests, as search.py's crash_point but counted in this worker: BWR_CRASH_AT=name:n
-    SIGKILLs the driver (a local worker's parent; the worker then dies with it) the n-th time the worker passes the
-    named point, in the middle of a task."""
+def crash_point(name, driver=False):
+    """Fault injection for the crash-safety tests: BWR_CRASH_AT=name:n SIGKILLs this process the n-th time it
+    passes the named point, exactly like a power cut or the OOM killer would. driver: in a local worker, SIGKILL the
+    driver (its parent) instead, in the middle of a task; the worker then dies with it (_die_with_the_driver)."""
     target = os.environ.get("BWR_CRASH_AT")
     if not target:
         return
-    _chunk_counts[name] = _chunk_counts.get(name, 0) + 1
-    if target == f"{name}:{_chunk_counts[name]}":
-        os.kill(os.getppid(), signal.SIGKILL)
-        time.sleep(60)  # killed meanwhile with the driver (_die_with_the_driver)
+    _crash_counts[name] = _crash_counts.get(name, 0) + 1
+    if target == f"{name}:{_crash_counts[name]}":
+        os.kill(os.getppid() if driver else os.getpid(), signal.SIGKILL)
+        time.sleep(60)  # a worker is killed meanwhile with its driver
 
 
 def _reassemble(chunks, n_items):

@@ -4,15 +4,13 @@ alpha of the time; a search killed part-way through a proposal's chunks resumes 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import bwr
 from conftest import REPO
-from test_reliability import same_result
+from test_reliability import resume_search, same_result
 from test_search import only_dir, run_search
 
 ARGS = ["-m", "3", "-p", "5", "--step_length", "1.0", "--reset_mode", "bounds", "--scoring", "strict"]
@@ -127,8 +125,7 @@ def test_killed_part_way_through_a_proposals_chunks_then_resumed(full_run, tmp_p
     proc = run_search(tmp_path, *ARGS, "--early_reject", env={"BWR_CRASH_AT": "chunk:30"}, check=False)
     assert proc.returncode != 0
     directory = only_dir(tmp_path)
-    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
-                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    resumed = resume_search(directory)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(full_run, directory)
     assert "took over" in open(os.path.join(directory, "log.txt")).read()

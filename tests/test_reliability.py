@@ -23,6 +23,12 @@ def weights(directory, sub="global_best"):
     return load_file(os.path.join(directory, sub, "adapter_model.safetensors"))
 
 
+def resume_search(directory):
+    """search.py --resume DIRECTORY, to its end: the finished process."""
+    return subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+
+
 def same_result(a, b):
     pad_a = json.load(open(os.path.join(a, "utility_scratchpad.json")))
     pad_b = json.load(open(os.path.join(b, "utility_scratchpad.json")))
@@ -43,8 +49,7 @@ def test_sigkill_then_resume_is_bit_for_bit(reference, tmp_path, point):
     proc = run_search(tmp_path, *SEARCH_ARGS, env={"BWR_CRASH_AT": point}, check=False)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     directory = only_dir(tmp_path)
-    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
-                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    resumed = resume_search(directory)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(reference, directory)
     assert "resuming search" in open(os.path.join(directory, "log.txt")).read()
@@ -87,8 +92,7 @@ def test_published_rule_resumes_bit_for_bit_after_sigkill(published_reference, t
     proc = run_search(tmp_path, *PUBLISHED_ARGS, env={"BWR_CRASH_AT": "evaluation:25"}, check=False)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr[-2000:])
     directory = only_dir(tmp_path)
-    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
-                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    resumed = resume_search(directory)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(published_reference, directory)
     for sub in ("global_worst", *(f"candidate_{i}" for i in range(10))):
@@ -108,8 +112,7 @@ def test_resume_reads_the_float_versions_of_earlier_states(reference, tmp_path):
     for record in state["candidates"] + [state["best"]]:
         record["version"] += 0.5 if record["version"] else 0  # as if restarted in iteration 1
     open(path, "w").write(json.dumps(state))
-    resumed = subprocess.run([sys.executable, "search.py", "--resume", directory], cwd=REPO, capture_output=True,
-                             text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=900)
+    resumed = resume_search(directory)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same_result(reference, directory)
     state = json.load(open(path))
