@@ -39,6 +39,7 @@ This module is pure: no I/O, all randomness from the numpy Generator passed in (
 Generators seeded from it).
 """
 
+import itertools
 import math
 import numbers
 
@@ -293,27 +294,47 @@ def crossover(rng):
 # ----------------------------------------------------------------------------------------------------------------
 # Early rejection (--early_reject): stop scoring a proposal once it cannot be kept. Greedy acceptance keeps a
 # proposal only if mean(s) > mean(m) over all N dev items (s: its per-item scores, m: its member's, both in
-# [low, high]). Items are scored in one fixed seeded order, in chunks; after each chunk of n items:
+# [low, high]). Each proposal scores its items in its own order (`rejection_order`): the items its member scored
+# lowest first, among those the ones the population scored lowest (a merge of the population is most likely to
+# score low there too), so that a losing proposal's shortfall shows up early. Items that the member and the
+# population score alike form a group, shuffled by a seed of the proposal's own. After each chunk of n items:
 #   exact:       even a perfect score on every unseen item leaves mean(s) <= mean(m): the full evaluation would
-#                reject it too, so every decision (and byte of the search) is that of a full evaluation;
-#   statistical: also when the Hoeffding-Serfling upper confidence bound on mean(s) at level alpha / looks lies
-#                below mean(m) (DESIGN.md, Early rejection). The seen items are a uniform sample without replacement
-#                of the dev set (the order is a seeded permutation, independent of any score); Serfling's bound
-#                holds at each look, and the union over the looks makes the chance of ever rejecting a proposal
-#                whose full mean beats its member's at most alpha.
+#                reject it too, so every decision (and byte of the search) is that of a full evaluation, whatever
+#                the order;
+#   statistical: also when the unseen rest of the group the look falls in is bounded by Hoeffding-Serfling at level
+#                alpha / looks instead of by its maximum (its seen items are a uniform sample without replacement of
+#                that group, as the shuffle is independent of every score), and even so the proposal cannot win.
+#                The union over the looks makes the chance of ever stopping a proposal whose full mean beats its
+#                member's at most alpha (DESIGN.md, Early rejection).
 
 EARLY_REJECT_LOOKS = (0.25, 0.5, 0.75)  # where a proposal may stop, as shares of the dev set (docs/early_reject.md)
+GRADES = 10  # a group shares the member's score and the population's mean score, each rounded to 1/10 of the range
 
 
-def early_reject_chunks(n_items, looks=EARLY_REJECT_LOOKS):
-    """The cumulative item counts after which a proposal may be rejected, ending with n_items (distinct, > 0)."""
+def early_reject_chunks(member_scores, high, low, alpha=0.0, groups=None, integer=False, looks=EARLY_REJECT_LOOKS):
+    """The cumulative item counts after which a proposal is checked, ending with all N items: the looks (shares of
+    N) at which some proposal could be stopped. cannot_win is monotone in the seen scores, so a look at which even
+    scoring low on every seen item would not stop it stops none, and it would only cost a chunk."""
+    n_items = len(member_scores)
     ends = sorted({min(n_items, max(1, int(round(share * n_items)))) for share in looks} | {n_items})
-    return [end for end in ends if end > 0]
+    return [end for end in ends if end == n_items or (end > 0 and cannot_win([low] * end, member_scores, high, low,
+                                                                             alpha, groups, integer, len(looks)))]
 
 
-def item_order(n_items, seed):
-    """The fixed seeded order in which a search scores its dev items under --early_reject."""
-    return [int(i) for i in np.random.default_rng([int(seed), 29]).permutation(n_items)]
+def rejection_order(member_scores, population_scores, score_range, seed):
+    """(order, groups) in which a proposal scores its items: order lists item indices, lowest (member score,
+    population mean score) first, shuffled within a group by seed; groups gives the groups' sizes along the order."""
+    low, high = score_range
+    n_items = len(member_scores)
+    population_mean = np.mean(np.asarray(population_scores, dtype=float), axis=0)
+
+    def grade(x):
+        return int(round(GRADES * (float(x) - low) / (high - low)))
+    keys = [(grade(m), grade(p)) for m, p in zip(member_scores, population_mean)]
+    shuffle = np.random.default_rng(seed).permutation(n_items)  # independent of every score
+    order = sorted(range(n_items), key=lambda i: (keys[i], shuffle[i]))
+    groups = [len(list(run)) for _, run in itertools.groupby(keys[i] for i in order)]
+    return order, groups
 
 
 def serfling_radius(n, n_items, score_range, delta):
@@ -324,19 +345,35 @@ def serfling_radius(n, n_items, score_range, delta):
     return score_range * math.sqrt((1.0 - (n - 1) / n_items) * math.log(1.0 / delta) / (2.0 * n))
 
 
-def cannot_win(seen_scores, member_scores, high, low, alpha=0.0, looks=len(EARLY_REJECT_LOOKS)):
-    """Whether a proposal whose first len(seen_scores) items (in the search's item order) scored seen_scores can be
-    rejected against its member's per-item scores member_scores (all N items): exactly (alpha 0: it cannot beat
-    the member even scoring high on every unseen item), or also statistically (alpha > 0, over `looks` looks)."""
+def cannot_win(seen_scores, member_scores, high, low, alpha=0.0, groups=None, integer=False,
+               looks=len(EARLY_REJECT_LOOKS)):
+    """Whether a proposal whose first len(seen_scores) items (in its rejection_order, whose group sizes are groups)
+    scored seen_scores can be rejected against its member's per-item scores member_scores (all N items): exactly
+    (alpha 0: it cannot beat the member even scoring high on every unseen item), or also statistically (alpha > 0:
+    the unseen rest of the group the look falls in bounded at level alpha / looks). integer: every score is a whole
+    number (EvalType.integer_scores), so a proposal that can at best tie is stopped too."""
     n, n_items = len(seen_scores), len(member_scores)
     if n == 0 or n >= n_items:
         return False
     seen, member = math.fsum(seen_scores), math.fsum(member_scores)
-    # a margin far above the rounding of two fsums and of mean(), so a tie in real numbers is never rejected
-    margin = 1e-9 * n_items * max(1.0, abs(high), abs(low))
-    if seen + (n_items - n) * high < member - margin:
+    # kept needs a strictly higher mean. Whole-number scores sum exactly in floats and both utilities are sum / N,
+    # so an equal sum is an equal utility, not kept. Other scores: a margin far above the rounding of two fsums and
+    # a mean, so a float-rounding win is never stopped
+    margin = 0.0 if integer else 1e-9 * n_items * max(1.0, abs(high), abs(low))
+    if seen + (n_items - n) * high <= member - margin:
         return True
-    if alpha <= 0.0:
+    if alpha <= 0.0 or not groups:
         return False
-    upper_mean = seen / n + serfling_radius(n, n_items, high - low, alpha / looks)
-    return upper_mean * n_items < member - margin
+    start = 0  # the group of the first unseen item: [start, start + size) along the order, n - start of it seen
+    for size in groups:
+        if start + size > n:
+            break
+        start += size
+    in_group = n - start
+    if in_group == 0:
+        return False
+    group_mean = math.fsum(seen_scores[start:]) / in_group
+    radius = serfling_radius(in_group, size, high - low, alpha / looks)
+    rest_of_group = min(high * (size - in_group), (group_mean + radius) * size - group_mean * in_group)
+    return seen + rest_of_group + (n_items - start - size) * high <= member - margin
+

@@ -404,18 +404,21 @@ def _full_model_files(path):
 # ----------------------------------------------------------------------------------------------------------------
 # Generation helpers (every objective gets its model output from these two)
 
-_ENCODED = {}
+_ENCODED = {}  # (id(tokenizer), add_special_tokens) -> {text: token ids}
+ENCODED_TEXTS = 200_000
 
 
 def encode(tokenizer, texts, add_special_tokens=True):
-    """Token ids of each text. The same prompts come back for every candidate of a search, so the last few lists
-    are kept (tokenizing is the largest cost outside the model on small models)."""
-    key = (id(tokenizer), add_special_tokens, tuple(texts))
-    if key not in _ENCODED:
-        if len(_ENCODED) >= 16:
-            del _ENCODED[next(iter(_ENCODED))]
-        _ENCODED[key] = tokenizer(list(texts), add_special_tokens=add_special_tokens).input_ids if texts else []
-    return _ENCODED[key]
+    """Token ids of each text. The same prompts come back for every candidate of a search, as whole splits or as
+    --early_reject's chunks of them in each proposal's own order, so each text's ids are kept (tokenizing is the
+    largest cost outside the model on small models); up to ENCODED_TEXTS texts per tokenizer."""
+    known = _ENCODED.setdefault((id(tokenizer), add_special_tokens), {})
+    new = [text for text in dict.fromkeys(texts) if text not in known]
+    if new:
+        if len(known) + len(new) > ENCODED_TEXTS:
+            known.clear()
+        known.update(zip(new, tokenizer(new, add_special_tokens=add_special_tokens).input_ids))
+    return [known[text] for text in texts]
 
 
 def batch_generate(model, tokenizer, prompts, max_new_tokens=10, batch_size=None):

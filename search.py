@@ -142,7 +142,7 @@ def add_merge_and_evaluation_flags(p):
     a("--early_reject", type=float, nargs="?", const=0.0, default=None, metavar="ALPHA",
       help="stop scoring a proposal once it cannot be kept (greedy optimizers): alone, only when it cannot beat "
            "its member even scoring the maximum on every unseen dev item (same results as without); with ALPHA, "
-           "also when a Hoeffding-Serfling bound gives it a chance below ALPHA (docs/early_reject.md)")
+           "also when a Hoeffding-Serfling bound says so, wrongly with chance at most ALPHA (docs/early_reject.md)")
     a("--max_evaluations", type=int, default=None,
       help="stop after this many dev evaluations of candidates (the initial population's included; the final "
            "and the starting test evaluations are not counted)")
@@ -869,7 +869,7 @@ class Search:
                              update=update, split="dev", accept_if_above=accept_if_above,
                              save_to=self.files.staged(i, ".restart" if restart else ""),
                              cache_as=(self.files.cand(i), version), merge_method=merge_method,
-                             early_reject=early_rejection(self.args, self.state, i, accept_if_above))
+                             early_reject=early_rejection(self.args, self.state, i, accept_if_above, restart))
 
     def run_tasks(self, tasks, description):
         from tqdm import tqdm
@@ -1225,13 +1225,18 @@ def start_early_rejection(state, results, args):
         c["dev_scores"] = result["details"]["scores"]
 
 
-def early_rejection(args, state, i, threshold):
-    """The EarlyReject of member i's next task under --early_reject when it is greedy (a threshold), else None."""
+def early_rejection(args, state, i, threshold, restart=False):
+    """The EarlyReject of member i's next task under --early_reject when it is greedy (a threshold), else None: its
+    items ordered against the member's and the population's per-item dev scores, shuffled within their groups by a
+    seed of the proposal's own (the search's seed, the iteration, the member, whether a restart)."""
     scores = state["candidates"][i].get("dev_scores") if state else None
     if args.early_reject is None or not scores or threshold is None:
         return None
-    return EarlyReject(alpha=args.early_reject, member_scores=tuple(scores),
-                       score_range=EVAL_TYPES[args.eval_type].score_range, order_seed=args.seed)
+    row = EVAL_TYPES[args.eval_type]
+    order, groups = bwr.rejection_order(scores, [c["dev_scores"] for c in state["candidates"]], row.score_range,
+                                        [args.seed, 29, state["iteration"], i, int(restart)])
+    return EarlyReject(alpha=args.early_reject, member_scores=tuple(scores), score_range=row.score_range,
+                       order=tuple(order), groups=tuple(groups), integer_scores=row.integer_scores)
 
 
 def remember_scores(candidate, result):

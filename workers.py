@@ -73,13 +73,16 @@ class CandidateTask:
 
 @dataclass(frozen=True)
 class EarlyReject:
-    """--early_reject for one greedy candidate task: score its items in the search's seeded order, chunk by chunk,
-    and stop once bwr.cannot_win says it cannot be kept against member_scores (its member's per-item dev scores,
-    in the split's order). alpha 0: exact; > 0: statistical at that level."""
+    """--early_reject for one greedy candidate task: score its items in order (bwr.rejection_order: item indices,
+    with groups the sizes of its groups along it), chunk by chunk, and stop once bwr.cannot_win says it cannot be
+    kept against member_scores (its member's per-item dev scores, in the split's order). alpha 0: exact; > 0:
+    statistical at that level. integer_scores: the objective's scores are whole numbers (EvalType)."""
     alpha: float
     member_scores: tuple
     score_range: tuple
-    order_seed: int
+    order: tuple
+    groups: tuple
+    integer_scores: bool = False
 
 
 @dataclass(frozen=True)
@@ -175,23 +178,23 @@ class TaskRunner:
 
     def _evaluate_until_rejected(self, model, split, early):
         """--early_reject: (utility, details, seconds, {"dev_items": items scored, "rejected_early": bool}) of a
-        candidate scored chunk by chunk in the search's item order. Rejected early: the partial mean and only the
-        timing in details. Scored in full: the utility and
-        details of one pass over the split, reassembled in the split's order (the items' scores are the same: they
-        do not depend on which other items share a batch, tests/test_early_reject.py)."""
+        candidate scored chunk by chunk in its rejection order. Rejected early: the partial mean and only the
+        timing in details. Scored in full: the utility and details of one pass over the split, reassembled in the
+        split's order (the items' scores are the same: they do not depend on which other items share a batch,
+        tests/test_early_reject.py)."""
         import bwr
-        n_items = len(early.member_scores)
-        order = bwr.item_order(n_items, early.order_seed)
+        n_items, order = len(early.member_scores), early.order
         chunks, seconds, done = [], 0.0, 0
         low, high = early.score_range
-        for end in bwr.early_reject_chunks(n_items):
-            _, details, spent = self._evaluate(model, split, items=order[done:end])
+        stop_args = (early.member_scores, high, low, early.alpha, early.groups, early.integer_scores)
+        for end in bwr.early_reject_chunks(*stop_args):
+            _, details, spent = self._evaluate(model, split, items=list(order[done:end]))
             chunks.append((order[done:end], details))
             seconds, done = seconds + spent, end
             seen = [score for _, d in chunks for score in d["scores"]]
             if end < n_items:
                 crash_point("chunk", driver=True)
-            if bwr.cannot_win(seen, early.member_scores, high, low, early.alpha):
+            if bwr.cannot_win(seen, *stop_args):
                 partial = {"forward_seconds": sum(d["forward_seconds"] for _, d in chunks),
                            "swap_seconds": sum(d["swap_seconds"] for _, d in chunks)}
                 return math.fsum(seen) / len(seen), partial, seconds, {"dev_items": done, "rejected_early": True}

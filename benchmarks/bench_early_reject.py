@@ -2,12 +2,19 @@
 
     .venv/bin/python benchmarks/bench_early_reject.py                      # seeds 42 1 2 3 4, exact and ALPHA 0.01
     .venv/bin/python benchmarks/bench_early_reject.py --seeds 42 --alphas 0.01 0.05 -- --num_cpu_when_merging 1
+    .venv/bin/python benchmarks/bench_early_reject.py --chunk_cost        # a full evaluation, chunked against one pass
 
 Per seed, one run without --early_reject and one per mode, each through search.py as a subprocess, one at a time.
 The table gives for each run: whether utility_scratchpad.json, global_best/'s weights and final_metrics.json (timings
 and item counts aside) are byte-identical to the full run's; the dev items its iterations scored against a full
-evaluation of every proposal (and the ratio); the mean and median wall seconds per iteration (from state.json's
+evaluation of every proposal (and the ratio, beside the most that any rule could save on that run: every kept
+proposal scored in full, every other one stopped at the first look); the mean and median wall seconds per iteration (from state.json's
 profile); and the ending test gain over the starting best with its paired SE. Extra search.py arguments go after --.
+
+--chunk_cost times, for each demo expert as the member (the population: all ten), a proposal scored in full in the
+member's rejection order (a new one for each of 7 repetitions, as each proposal of a search has its own), chunk by
+chunk at the looks that could stop one, against one pass over the dev set (medians of the 7, in this process, at the
+threads torch was given).
 """
 
 import argparse
@@ -52,11 +59,22 @@ def same_bytes(a, b):
     return equal and comparable(a["metrics"]) == comparable(b["metrics"])
 
 
+def ceiling(result):
+    """The most items any rule could save on this run: every kept proposal scored in full (they always are), every
+    other one stopped at the first look (25% of the items)."""
+    log = open(os.path.join(result["dir"], "log.txt")).read()
+    kept = log.count(": proposal kept,") + log.count(": restarted (stray)")
+    total = result["metrics"]["dev_items_full_evaluation"]
+    per_proposal = total // (kept + log.count(": proposal not kept,") + log.count(", not above its"))
+    return total / (kept * per_proposal + (total / per_proposal - kept) * per_proposal * 0.25)
+
+
 def row(seed, label, result, full):
     m = result["metrics"]
     items = m.get("dev_items_evaluated")
     total = m.get("dev_items_full_evaluation")
-    shown = f"{items:>7d} / {total:<7d} {total / items:5.2f}x" if items else f"{'(all)':>23s}"
+    shown = (f"{items:>7d} / {total:<7d} {total / items:5.2f}x (at most {ceiling(result):.2f}x)" if items
+             else f"{'(all)':>38s}")
     gain = f"{m['test_gain_over_starting_best']:+.4f} ± {m['test_gain_paired_se']:.4f}"
     diff = m["ending_best_single_test_accuracy"] - full["metrics"]["ending_best_single_test_accuracy"]
     print(f"| {seed:>4} | {label:<11} | {'yes' if same_bytes(result, full) else 'no':>9} | {shown} | "
@@ -68,11 +86,14 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.01], help="statistical modes to run")
     p.add_argument("extra", nargs="*", help="search.py arguments for every run (after --)")
+    p.add_argument("--chunk_cost", action="store_true", help="time a chunked full evaluation against one pass")
     a = p.parse_args()
+    if a.chunk_cost:
+        return chunk_cost()
     modes = [("exact", ["--early_reject"])] + [(f"alpha {x:g}", ["--early_reject", str(x)]) for x in a.alphas]
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
           f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'default')}, load {os.getloadavg()[0]:.2f}")
-    print("| seed | mode        | same bytes | dev items scored / full, fewer | s per iteration mean / median | "
+    print("| seed | mode        | same bytes | dev items scored / full, fewer (ceiling) | s per iteration mean / median | "
           "test gain ± paired SE | test vs full |")
     print("|---|---|---|---|---|---|---|")
     totals = {}
@@ -92,6 +113,49 @@ def main():
         print(f"{label}: {total / items:.2f}x fewer dev items over {len(a.seeds)} seeds; "
               f"{statistics.mean(full_walls) / statistics.mean(walls):.2f}x faster per iteration "
               f"({statistics.mean(walls):.3f} s against {statistics.mean(full_walls):.3f} s)")
+
+
+def chunk_cost():
+    """Seconds of a full evaluation in chunks against one pass, per demo expert as the member (median of 7 each)."""
+    import torch
+    sys.path.insert(0, REPO)
+    import bwr
+    import merge
+    from workers import TaskRunner
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    experts_dir = os.path.join(REPO, "initial_experts", "tiny", "experts")
+    runner = TaskRunner("cpu", {"base_model": os.path.join(REPO, "initial_experts", "tiny", "base_model"),
+                                "eval_type": "exact_match", "dataset": "tiny_demo",
+                                "evaluate_options": {"data_dir": os.path.join(REPO, "data", "eval"),
+                                                     "scoring": "strict"}})
+    experts = [merge.load_adapter(os.path.join(experts_dir, name)) for name in sorted(os.listdir(experts_dir))]
+    population = [runner._evaluate(adapter, "dev")[1]["scores"] for adapter in experts]
+    print(f"threads: torch {torch.get_num_threads()}, ATEN_CPU_CAPABILITY="
+          f"{os.environ.get('ATEN_CPU_CAPABILITY', 'default')}, load {os.getloadavg()[0]:.2f}")
+    print("| member | dev accuracy | chunks | one pass s | chunked s | ratio |")
+    print("|---|---|---|---|---|---|")
+    ratios = []
+    for k, (adapter, member) in enumerate(zip(experts, population)):
+        def chunked(rep):
+            """Chunks scored: each proposal of a search has its own order, so its chunks are new sets of rows."""
+            order, groups = bwr.rejection_order(member, population, (0.0, 1.0), [42, 29, rep, k, 0])
+            ends = bwr.early_reject_chunks(member, 1.0, 0.0, 0.0, groups, integer=True)
+            for start, end in zip([0] + ends, ends):
+                runner._evaluate(adapter, "dev", items=order[start:end])
+            return len(ends)
+        one, parts = [], []
+        for rep in range(7):
+            start = time.perf_counter()
+            runner._evaluate(adapter, "dev")
+            one.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            n_chunks = chunked(rep)
+            parts.append(time.perf_counter() - start)
+        ratio = statistics.median(parts) / statistics.median(one)
+        ratios.append(ratio)
+        print(f"| {k} | {statistics.mean(member):.3f} | {n_chunks} | {statistics.median(one):.4f} | "
+              f"{statistics.median(parts):.4f} | {ratio:.2f}x |")
+    print(f"a full evaluation in chunks costs {statistics.median(ratios):.2f}x one pass (median over the experts)")
 
 
 if __name__ == "__main__":

@@ -165,21 +165,21 @@ def fmt(values, digits=2, unit=""):
     return f"{middle:.{digits}f}{unit} ({low:.{digits}f}-{high:.{digits}f})"
 
 
-def run_ours(root, iterations, threads, repo=REPO, dataset="tiny_demo"):
+def run_ours(root, iterations, threads, repo=REPO, dataset="tiny_demo", extra=()):
     """search_demo.sh -m ITERATIONS (the demo's settings) as a subprocess. Returns the per-iteration profiles, the
     evaluations per iteration (candidates + stray restarts) and the start-up phases, timed by polling log.txt:
     driver (process start to the first log line: imports and argument validation; the worker is spawned part-way
     through and imports its libraries and loads the base model meanwhile), workers (to "initialising": the driver
     waits for the worker to be ready), initial evaluation (to "starting best": every candidate and the starting
-    best's test set; whatever of the worker's model load is not done yet falls here)."""
+    best's test set; whatever of the worker's model load is not done yet falls here). extra: more search.py flags."""
     root = Path(root)
     env = search_env(threads)
     env["PYTHON"] = sys.executable
     marks = {"starting search": "driver", "initialising": "workers", "starting best": "initial_evaluation"}
     seen = {}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "-d", dataset, "--output_root", str(root)],
-                            cwd=repo,
+    proc = subprocess.Popen(["bash", "search_demo.sh", "-m", str(iterations), "-d", dataset, "--output_root", str(root),
+                             *extra], cwd=repo,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     while proc.poll() is None and len(seen) < len(marks):
         time.sleep(0.01)
@@ -215,21 +215,24 @@ def run_published(root, iterations, threads, start_method, dataset="tiny_demo"):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, dataset="tiny_demo"):
+def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, dataset="tiny_demo", early_reject=None):
     """Interleaved runs (the order rotates each repetition so that a change of the machine's load hits every
-    path alike); for every run the median over its iterations, then median (min-max) over the repetitions."""
+    path alike); for every run the median over its iterations, then median (min-max) over the repetitions.
+    early_reject: also this project with --early_reject at that level (0: exact), path "ours_early_reject"."""
     print(f"\n[1] this project (search_demo.sh -m {iterations} -d {dataset}) vs the published loop "
           f"(benchmarks/published_baseline.py, pools started with {' / '.join(start_methods)}), same population, "
           f"dev set and machine, {repetitions} interleaved repetitions; median (min-max) over repetitions of each "
           f"run's median iteration")
-    paths = ["ours"] + [f"published_{m}" for m in start_methods]
+    ours_paths = ["ours"] + (["ours_early_reject"] if early_reject is not None else [])
+    paths = ours_paths + [f"published_{m}" for m in start_methods]
     runs = {p: [] for p in paths}
     for r in range(repetitions):
         for p in paths[r % len(paths):] + paths[:r % len(paths)]:
             load = os.getloadavg()[0]
             root = Path(tmp) / f"{p}_{r}"
-            if p == "ours":
-                result = run_ours(root, iterations, threads, dataset=dataset)
+            if p in ours_paths:
+                extra = ["--early_reject", str(early_reject)] if p == "ours_early_reject" else []
+                result = run_ours(root, iterations, threads, dataset=dataset, extra=extra)
                 walls = [it["wall"] for it in result["iterations"]]
                 share = median_range([it["forward"] / it["wall"] for it in result["iterations"]])[0]
                 run = {"wall": median_range(walls)[0], "candidates": result["candidates"],
@@ -259,18 +262,22 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, d
               f"{fmt([x['wall'] / x['evaluations'] for x in rows], 4):>22} "
               f"{fmt([100 * x['share'] for x in rows], 1, '%'):>16} {min(loads):5.1f}-{max(loads):.1f}")
     ours = runs["ours"]
-    for p in paths[1:]:
+    for p in paths[len(ours_paths):]:
         ratio = [pub["wall"] / our["wall"] for pub, our in zip(runs[p], ours)]
         per_evaluation = [(pub["wall"] / pub["evaluations"]) / (our["wall"] / our["evaluations"])
                           for pub, our in zip(runs[p], ours)]
         print(f"  {p} / ours, paired by repetition: {fmt(ratio, 1, 'x')} per iteration (= per candidate), "
               f"{fmt(per_evaluation, 1, 'x')} per evaluation")
+        if early_reject is not None:
+            ratio = [pub["wall"] / our["wall"] for pub, our in zip(runs[p], runs["ours_early_reject"])]
+            print(f"  {p} / ours with --early_reject {early_reject}, paired by repetition: {fmt(ratio, 1, 'x')} per "
+                  f"iteration")
     print("\n  median profile per iteration (s):")
     for p in paths:
         keys = list(runs[p][0]["profile"])
         print(f"  {p:>17}: " + " ".join(f"{k} {fmt([x['profile'][k] for x in runs[p]], 3)}" for k in keys
                                         if k != "sleep_artefact"))
-    for p in paths[1:]:
+    for p in paths[len(ours_paths):]:
         print(f"  {p}: the published scorer's 0.2 s sleep per correct answer would add "
               f"{fmt([x['profile']['sleep_artefact'] for x in runs[p]], 1, ' s')} per iteration (not in the figures "
               f"above)")
@@ -285,7 +292,7 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, d
           f"test set; of it, the worker's set-up left over, about "
           f"{fmt(first_use)}) {fmt([x['startup']['initial_evaluation'] for x in ours])}; total "
           f"{fmt([x['startup']['total'] for x in ours])}")
-    for p in paths[1:]:
+    for p in paths[len(ours_paths):]:
         rows = runs[p]
         print(f"  {p}: driver imports {fmt([x['startup']['imports'] for x in rows])}, initial evaluation pool "
               f"{fmt([x['startup']['initial_evaluation'] for x in rows])} (of which pool start "

@@ -7,8 +7,9 @@
 Each run is `search.py --optimizer X --seed S --max_evaluations B` with patience and iteration limits out of the way,
 so every run spends exactly B dev evaluations (the initial population's included). The table gives, per run and as
 means per optimizer: dev and test utility of the starting best (the best initial expert) and of the ending global
-best, the test and dev gains with their paired standard errors (from per-item scores, final_metrics.json), and the
-evaluations used. Extra search.py arguments for every run go after `--`, e.g. `-- --merge_method ties`.
+best, the test and dev gains with their paired standard errors (from per-item scores, final_metrics.json), the
+evaluations used, and for a variant with --early_reject how many times fewer dev items its iterations scored than
+full evaluations would have. Extra search.py arguments for every run go after `--`, e.g. `-- --merge_method ties`.
 An optimizer entry is a name, or "label=name extra flags" for a variant, e.g. the two BWR rules:
 
     python benchmarks/compare_optimizers.py --optimizers bwr "published=bwr --rule published_code" -j 2
@@ -67,9 +68,16 @@ def fmt_gain(row, split):
     return "n/a" if gain is None else f"{gain:+.3f} ± {se:.3f}"
 
 
+def items_saved(r):
+    """--early_reject: a full evaluation's dev items over those scored (final_metrics.json), else '-'."""
+    if not r.get("dev_items_evaluated"):
+        return "-"
+    return f"{r['dev_items_full_evaluation'] / r['dev_items_evaluated']:.2f}x"
+
+
 def table(rows, labels):
     head = (f"{'optimizer':<14}{'seed':>6}{'start dev':>11}{'start test':>12}{'end dev':>9}{'end test':>10}"
-            f"{'test gain ± SE':>18}{'dev gain ± SE':>18}{'evals':>7}")
+            f"{'test gain ± SE':>18}{'dev gain ± SE':>18}{'evals':>7}{'fewer items':>13}")
     lines = [head, "-" * len(head)]
     for label in labels:
         mine = [r for r in rows if r["optimizer"] == label]
@@ -77,7 +85,7 @@ def table(rows, labels):
             lines.append(f"{label:<14}{r['seed']:>6}{r['starting_best_validation_utility']:>11.3f}"
                          f"{r['starting_best_single_test_accuracy']:>12.3f}{r['ending_best_validation_utility']:>9.3f}"
                          f"{r['ending_best_single_test_accuracy']:>10.3f}{fmt_gain(r, 'test'):>18}"
-                         f"{fmt_gain(r, 'dev'):>18}{r['dev_evaluations']:>7}")
+                         f"{fmt_gain(r, 'dev'):>18}{r['dev_evaluations']:>7}{items_saved(r):>13}")
         if len(mine) > 1:
             mean = lambda key: sum(r[key] for r in mine) / len(mine)  # noqa: E731
             gains = [r.get("test_gain_over_starting_best") for r in mine]

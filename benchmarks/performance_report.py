@@ -47,18 +47,21 @@ def fmt(values, digits, unit=""):
     return bench_search.fmt(values, digits, unit)
 
 
-def rows_for(label, runs):
-    """Markdown table rows for one thread setting: each path, then the paired ratio."""
+def rows_for(label, runs, early_reject):
+    """Markdown table rows for one thread setting: each path, then the paired ratios (without and with
+    --early_reject) against the published loop."""
     ours, published = runs["ours"], runs["published_fork"]
-    rows = []
-    for name, rs in (("this project", ours), ("published loop, fork pools", published)):
+    rows, paths = [], [("this project", ours)]
+    if "ours_early_reject" in runs:
+        paths.append((f"this project, `--early_reject {early_reject:g}`", runs["ours_early_reject"]))
+    for name, rs in paths + [("published loop, fork pools", published)]:
         loads = [x for run in rs for x in run["load"]]
         rows.append(f"| {label} | {name} | {fmt([r['wall'] for r in rs], 3)} | "
                     f"{fmt([r['wall'] / r['evaluations'] for r in rs], 4)} | "
                     f"{fmt([100 * r['share'] for r in rs], 1, '%')} | {min(loads):.1f}-{max(loads):.1f} |")
         label = ""
-    ratio = fmt([p["wall"] / o["wall"] for p, o in zip(published, ours)], 1, "x")
-    return rows, ratio
+    ratios = [fmt([p["wall"] / o["wall"] for p, o in zip(published, rs)], 1, "x") for _, rs in paths]
+    return rows, ratios
 
 
 def profile_line(runs):
@@ -81,17 +84,20 @@ def render(results, args, started, ended):
         f" calls through disk per candidate, every evaluation reloading base model, adapter and tokenizer; pools"
         f" started with `fork`, a lower bound of its cost: the published code uses `spawn`). "
         f"{args.repetitions} interleaved repetition(s); median (min-max) over repetitions of each run's median "
-        f"iteration; load is the 1-minute load average before and after each run.",
+        f"iteration; load is the 1-minute load average before and after each run."
+        + (f" The `--early_reject {args.early_reject:g}` rows run the same search with proposals stopped once they"
+           f" cannot be kept (docs/early_reject.md)." if args.early_reject is not None else ""),
         "",
         "| threads | path | s per iteration | s per evaluation | forward share | load |",
         "|---|---|---|---|---|---|",
     ]
     ratios = []
     for (threads, label), runs in results:
-        rows, ratio = rows_for(label, runs)
+        rows, (ratio, *early) = rows_for(label, runs, args.early_reject)
         lines += rows
-        ratios.append(f"- {label}: this project is **{ratio}** faster per iteration than the published loop "
-                      f"(paired by repetition).")
+        with_early = (f"; with `--early_reject {args.early_reject:g}`, **{early[0]}**" if early else "")
+        ratios.append(f"- {label}: this project is **{ratio}** faster per iteration than the published loop"
+                      f"{with_early} (paired by repetition).")
     lines += ["", *ratios, ""]
     lines.append("Where this project's iteration goes (median seconds, each program's default threads): "
                  + profile_line(results[0][1]) + ". `forward` is model forward passes; the design that keeps the "
@@ -119,17 +125,22 @@ def main():
     parser.add_argument("--iterations", type=int, default=3, help="iterations per run (-m)")
     parser.add_argument("--dataset", default="tiny_demo", help="a tiny_demo-format set in data/eval")
     parser.add_argument("--quick", action="store_true", help="one repetition on tiny_demo_quick (a smoke test)")
+    parser.add_argument("--early_reject", type=float, default=0.01, metavar="ALPHA",
+                        help="also time this project with --early_reject ALPHA (0: exact; -1: leave it out)")
     parser.add_argument("--out", default=str(REPO / "docs" / "performance.md"), help="the page to write")
     args = parser.parse_args()
     if args.quick:
         args.repetitions, args.dataset = 1, "tiny_demo_quick"
+    if args.early_reject < 0:
+        args.early_reject = None
     bench_search.ensure_inputs()
     started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for threads, label in THREAD_SETTINGS:
             runs = bench_search.section_side_by_side(os.path.join(tmp, f"threads{threads}"), args.repetitions,
-                                                     args.iterations, threads, ["fork"], args.dataset)
+                                                     args.iterations, threads, ["fork"], args.dataset,
+                                                     args.early_reject)
             results.append(((threads, label), runs))
     page = render(results, args, started, time.strftime("%H:%M", time.gmtime()))
     Path(args.out).write_text(page)

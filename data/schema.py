@@ -72,6 +72,8 @@ class EvalType:
                                                      # checked before a search starts
     score_range: tuple | None = None  # (low, high) of a per-item score when the utility is their mean: what
                                       # --early_reject needs; None: not a bounded mean (it is refused)
+    integer_scores: bool = False  # every per-item score is a whole number, so sums are exact in floats and equal
+                                  # sums are equal utilities: --early_reject stops a proposal that can at best tie
 
     def __post_init__(self):
         if self.items == PROMPT and self.prompts is not None and self.max_new_tokens is None:
@@ -85,15 +87,15 @@ _REWARD_MODEL_ROW = dict(prompts=plain_prompts, chat=True, max_new_tokens=200, s
 EVAL_TYPES = {
     "multiple_choice": EvalType(MC, "accuracy", "pick an option letter", "score_multiple_choice",
                                 multiple_choice_prompts, max_new_tokens=10, vote=True, published_vote=True,
-                                score_range=(0.0, 1.0)),
+                                score_range=(0.0, 1.0), integer_scores=True),
     "exact_match": EvalType(EM, "accuracy", "generate the answer", "score_exact_match", question_prompts,
-                            vote=True, score_range=(0.0, 1.0)),
+                            vote=True, score_range=(0.0, 1.0), integer_scores=True),
     "multitask": EvalType(None, "harmonic mean of the two accuracies",
                           "a domain of two datasets, -d DOMAIN, --only_one_or_two picks one", "score_multitask",
                           published_vote=True),
     "AbstainQA": EvalType(MC, "effective reliability", "multiple choice where the model may abstain",
                           "score_abstain", abstain_prompts, max_new_tokens=10, generations=2, vote=True,
-                          published_vote=True, score_range=(-1.0, 1.0)),
+                          published_vote=True, score_range=(-1.0, 1.0), integer_scores=True),
     "external_api": EvalType(PROMPT, "1 - toxicity", "continuations scored by the Perspective API",
                              "score_external_api", plain_prompts, max_new_tokens=20, score_range=(0.0, 1.0),
                              credentials={

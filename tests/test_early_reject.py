@@ -4,6 +4,7 @@ alpha of the time; a search killed part-way through a proposal's chunks resumes 
 import json
 import math
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ from test_search import only_dir, run_search
 ARGS = ["-m", "3", "-p", "5", "--step_length", "1.0", "--reset_mode", "bounds", "--scoring", "strict"]
 
 
-def looks_reject(proposal, member, order, high, low, alpha):
-    """Where the worker would stop a proposal (items scored), or None when it is scored in full."""
-    for end in bwr.early_reject_chunks(len(member)):
-        if end < len(member) and bwr.cannot_win([proposal[i] for i in order[:end]], member, high, low, alpha):
+def looks_reject(proposal, member, population, high, low, alpha, seed=0, integer=False):
+    """Where the worker would stop a proposal (items scored) in its rejection order, or None when scored in full."""
+    order, groups = bwr.rejection_order(member, population, (low, high), [seed])
+    for end in bwr.early_reject_chunks(member, high, low, alpha, groups, integer):
+        seen = [proposal[i] for i in order[:end]]
+        if end < len(member) and bwr.cannot_win(seen, member, high, low, alpha, groups, integer):
             return end
     return None
 
@@ -30,43 +33,58 @@ def test_exact_bound_never_rejects_a_proposal_that_a_full_evaluation_keeps(kind)
     the exact bound stops a proposal, its full mean is not above the member's; and it does stop clear losers."""
     rng = np.random.default_rng(0)
     low, high = {"binary": (0, 1), "continuous": (0, 1), "reliability": (-1, 1), "rating": (1, 10)}[kind]
+
+    def scores(n):
+        if kind == "binary":
+            return (rng.random(n) < rng.random()).astype(float)
+        if kind == "reliability":
+            return rng.integers(-1, 2, n).astype(float)
+        if kind == "rating":
+            return np.round(1 + 9 * rng.random(n) ** rng.uniform(0.2, 5))  # ratings 1-10, means of all kinds
+        return low + (high - low) * rng.random(n) ** rng.uniform(0.2, 5)
     stopped = 0
     for trial in range(3000):
         n = int(rng.integers(4, 400))
-        if kind == "binary":
-            member = (rng.random(n) < rng.random()).astype(float)
-            proposal = (rng.random(n) < rng.random()).astype(float)
-        elif kind == "reliability":
-            member, proposal = (rng.integers(-1, 2, n).astype(float) for _ in range(2))
-        else:
-            member, proposal = (low + (high - low) * rng.random(n) ** rng.uniform(0.2, 5) for _ in range(2))
+        member, proposal = scores(n), scores(n)
         if trial % 3 == 0:  # a proposal just above (or tied with) its member: the case a bound must never reject
             proposal = member.copy()
             proposal[rng.integers(n)] = high if trial % 2 else proposal[0]
         kept = bwr.accept(sum(member) / n, sum(proposal) / n, greedy=True)
-        end = looks_reject(list(proposal), list(member), bwr.item_order(n, trial), high, low, 0.0)
+        population = [member, scores(n), scores(n)]
+        end = looks_reject(list(proposal), list(member), population, high, low, 0.0, trial, kind != "continuous")
         if end is not None:
             stopped += 1
             assert not kept, (trial, end)
     assert stopped > 30  # the bound does fire
 
 
+def test_a_tie_of_integer_scores_is_rejected_but_not_a_float_rounding_win():
+    """Kept needs a strictly higher mean: integer scores that can at best tie are stopped; real-valued ones only
+    when clearly below (a margin over rounding)."""
+    member = [1.0, 0.0, 1.0, 1.0]
+    assert bwr.cannot_win([0.0], member, 1.0, 0.0, integer=True)      # at best 3 of 4: a tie, not kept
+    assert not bwr.cannot_win([1.0], member, 1.0, 0.0, integer=True)  # at best 4 of 4
+    assert not bwr.cannot_win([0.0], member, 1.0, 0.0)                # real-valued scores: 3.0 against 3.0 stays
+    assert bwr.cannot_win([0.0, 0.0], member, 1.0, 0.0)               # at best 2.0 against 3.0
+
+
 def test_statistical_bound_wrongly_rejects_at_most_alpha():
-    """Populations whose proposal beats its member by one item: over many seeded item orders, the share of orders
-    in which the Hoeffding-Serfling rule (alpha 0.05, union over the looks) stops it is at most alpha; and it stops
-    a proposal 0.15 below its member on most orders."""
+    """A member scoring 0.5 on each item (one group in its order) against 0/1 proposals: over many shuffles, the
+    share in which the Hoeffding-Serfling rule (alpha 0.05, union over the looks) stops a proposal one item above
+    the member is at most alpha; it stops a proposal 0.15 below on most shuffles, which exact mode stops on few."""
     rng = np.random.default_rng(1)
     n, alpha = 400, 0.05
-    member = (rng.random(n) < 0.7).astype(float)
-    winner = member.copy()
-    winner[np.flatnonzero(member == 0)[0]] = 1.0   # one more right answer: kept by a full evaluation
-    loser = member.copy()
-    loser[np.flatnonzero(member == 1)[:60]] = 0.0  # 60 fewer: 0.15 below
-    orders = [bwr.item_order(n, seed) for seed in range(2000)]
-    wrong = sum(looks_reject(list(winner), list(member), o, 1.0, 0.0, alpha) is not None for o in orders)
-    caught = sum(looks_reject(list(loser), list(member), o, 1.0, 0.0, alpha) is not None for o in orders)
-    assert wrong / len(orders) <= alpha
-    assert caught / len(orders) > 0.5
+    member = [0.5] * n
+    winner, loser = np.zeros(n), np.zeros(n)
+    winner[rng.permutation(n)[:201]] = 1.0  # 201 of 400: kept by a full evaluation
+    loser[rng.permutation(n)[:140]] = 1.0   # 0.35
+    seeds = range(2000)
+    wrong = sum(looks_reject(list(winner), member, [member], 1.0, 0.0, alpha, s) is not None for s in seeds)
+    caught = sum(looks_reject(list(loser), member, [member], 1.0, 0.0, alpha, s) is not None for s in seeds)
+    assert wrong / len(seeds) <= alpha
+    assert caught / len(seeds) > 0.5
+    exact = sum(looks_reject(list(loser), member, [member], 1.0, 0.0, 0.0, s) is not None for s in range(200))
+    assert exact / 200 < 0.25
 
 
 def test_serfling_radius_covers_the_population_mean_at_its_level():
@@ -80,11 +98,24 @@ def test_serfling_radius_covers_the_population_mean_at_its_level():
     assert bwr.serfling_radius(len(population), len(population), 1.0, delta) == 0.0
 
 
-def test_chunks_and_order_are_fixed():
-    assert bwr.early_reject_chunks(1000) == [250, 500, 750, 1000]
-    assert bwr.early_reject_chunks(3) == [1, 2, 3]
-    assert bwr.item_order(50, 7) == bwr.item_order(50, 7) != bwr.item_order(50, 8)
-    assert sorted(bwr.item_order(50, 7)) == list(range(50))
+def test_rejection_order_and_looks():
+    """Items the member scored lowest come first, among them those the population scored lowest, shuffled within
+    a group by the seed; a look at which no proposal could be stopped is left out."""
+    rng = np.random.default_rng(3)
+    member = list((rng.random(1000) < 0.67).astype(float))
+    population = [member] + [list((rng.random(1000) < 0.6).astype(float)) for _ in range(4)]
+    order, groups = bwr.rejection_order(member, population, (0.0, 1.0), [7])
+    assert sorted(order) == list(range(1000)) and sum(groups) == 1000
+    assert (order, groups) == bwr.rejection_order(member, population, (0.0, 1.0), [7])
+    assert order != bwr.rejection_order(member, population, (0.0, 1.0), [8])[0]
+    keys = [(member[i], sum(p[i] for p in population)) for i in order]
+    assert keys == sorted(keys)
+    assert bwr.early_reject_chunks(member, 1.0, 0.0, integer=True) == [500, 750, 1000]  # none can lose by item 250
+    assert bwr.early_reject_chunks([1.0] * 1000, 1.0, 0.0, integer=True) == [250, 500, 750, 1000]  # one wrong loses
+    assert bwr.early_reject_chunks([1.0] * 3, 1.0, 0.0, integer=True) == [1, 2, 3]
+    assert bwr.early_reject_chunks([0.0] * 1000, 1.0, 0.0, integer=True) == [1000]  # one item right wins
+    assert bwr.early_reject_chunks([1.0, 1.0, 0.0, 0.0], 1.0, 0.0, integer=True) == [2, 3, 4]  # at best a tie
+    assert bwr.early_reject_chunks([1.0, 1.0, 0.0, 0.0], 1.0, 0.0) == [3, 4]  # real-valued: a tie is not stopped
 
 
 def without_item_counts(path):
@@ -122,8 +153,8 @@ def test_early_rejection_search_ends_like_a_full_evaluation(full_run, tmp_path, 
 def test_killed_part_way_through_a_proposals_chunks_then_resumed(full_run, tmp_path):
     """SIGKILL of the search while its worker is between two chunks of a proposal (BWR_CRASH_AT=chunk:N, counted
     in the worker), then --resume: the same bytes as the full run."""
-    proc = run_search(tmp_path, *ARGS, "--early_reject", env={"BWR_CRASH_AT": "chunk:30"}, check=False)
-    assert proc.returncode != 0
+    proc = run_search(tmp_path, *ARGS, "--early_reject", env={"BWR_CRASH_AT": "chunk:10"}, check=False)
+    assert proc.returncode == -signal.SIGKILL  # killed at the chunk point, not failed
     directory = only_dir(tmp_path)
     resumed = resume_search(directory)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -144,7 +175,12 @@ def test_a_chunked_evaluation_equals_one_pass(tiny, data):
         adapter = merge.load_adapter(str(tiny.experts / sorted(os.listdir(tiny.experts))[3]))
         utility, details, _ = runner._evaluate(adapter, "dev")
         n = len(details["scores"])
-        never = EarlyReject(alpha=0.0, member_scores=(0.0,) * n, score_range=(0.0, 1.0), order_seed=5)
+        member = list(details["scores"])  # a member one item below it: never stopped, but looks to stop at
+        member[member.index(1.0)] = 0.0
+        order, groups = bwr.rejection_order(member, [member, details["scores"]], (0.0, 1.0), [5])
+        assert len(bwr.early_reject_chunks(member, 1.0, 0.0, 0.0, groups, True)) >= 2
+        never = EarlyReject(alpha=0.0, member_scores=tuple(member), score_range=(0.0, 1.0), order=tuple(order),
+                            groups=tuple(groups), integer_scores=True)
         chunked, chunk_details, _, counts = runner._evaluate_until_rejected(adapter, "dev", never)
         assert (chunked, counts) == (utility, {"dev_items": n, "rejected_early": False})
         for key in ("golds", "preds", "scores", "outputs", "utility"):

@@ -218,16 +218,21 @@ def test_compare_optimizers_runs_search_and_prints_the_table(tiny, data, tmp_pat
     out = tmp_path / "runs.json"
     proc = subprocess.run([sys.executable, "benchmarks/compare_optimizers.py", "--budget", "11", "--seeds", "1",
                            "-d", "tiny_demo_quick",
-                           "--optimizers", "bwr", "cma=cma_es --cma_sigma0 0.3", "--output_root", str(tmp_path),
+                           "--optimizers", "bwr", "cma=cma_es --cma_sigma0 0.3", "er=bwr --early_reject",
+                           "--output_root", str(tmp_path),
                            "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [(r["optimizer"], r["seed"], r["dev_evaluations"]) for r in rows] == [("bwr", 1, 11), ("cma", 1, 11)]
+    assert [(r["optimizer"], r["seed"], r["dev_evaluations"]) for r in rows] == [("bwr", 1, 11), ("cma", 1, 11),
+                                                                               ("er", 1, 11)]
     assert read(rows[1]["directory"], "args.json")["cma_sigma0"] == 0.3
     for r in rows:
         line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{r['optimizer']} "))
         assert f"{r['test_gain_over_starting_best']:+.3f} ± {r['test_gain_paired_se']:.3f}" in line
+        # how many times fewer dev items --early_reject scored, and '-' without it
+        saved = r.get("dev_items_evaluated") and r["dev_items_full_evaluation"] / r["dev_items_evaluated"]
+        assert line.split()[-1] == (f"{saved:.2f}x" if r["optimizer"] == "er" else "-")
     # the paired table: cma against bwr on the same seed, item by item over the two ending bests' test scores
     diff = rows[1]["ending_best_single_test_accuracy"] - rows[0]["ending_best_single_test_accuracy"]
     assert "variant - bwr" in proc.stdout
