@@ -405,7 +405,8 @@ def _full_model_files(path):
 # Generation helpers (every objective gets its model output from these two)
 
 _ENCODED = {}  # (id(tokenizer), add_special_tokens) -> {text: token ids}
-ENCODED_TEXTS = 200_000
+ENCODED_TEXTS = 20_000  # texts kept per tokenizer: a search's splits, with room; prompts that carry model outputs
+                        # (AbstainQA's reflections) are new every time, and the memory is freed when it fills up
 
 
 def encode(tokenizer, texts, add_special_tokens=True):
@@ -413,10 +414,10 @@ def encode(tokenizer, texts, add_special_tokens=True):
     --early_reject's chunks of them in each proposal's own order, so each text's ids are kept (tokenizing is the
     largest cost outside the model on small models); up to ENCODED_TEXTS texts per tokenizer."""
     known = _ENCODED.setdefault((id(tokenizer), add_special_tokens), {})
+    if len(known) + len(texts) > ENCODED_TEXTS:
+        known.clear()
     new = [text for text in dict.fromkeys(texts) if text not in known]
     if new:
-        if len(known) + len(new) > ENCODED_TEXTS:
-            known.clear()
         known.update(zip(new, tokenizer(new, add_special_tokens=add_special_tokens).input_ids))
     return [known[text] for text in texts]
 

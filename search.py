@@ -1209,7 +1209,8 @@ def outcome_lines(i, candidate, task, result):
         lines.append(f"candidate_{i}: {branch}: dev utility {result['utility']:.4f} against "
                      f"{candidate['utility']:.4f}, {'kept' if result['accepted'] else 'not kept'}")
     if "dev_items" in result:  # --early_reject: how many dev items decided it
-        lines.append(f"candidate_{i}: proposal {'kept' if result['accepted'] else 'not kept'}, dev utility "
+        partial = "partial " if result["rejected_early"] else ""
+        lines.append(f"candidate_{i}: proposal {'kept' if result['accepted'] else 'not kept'}, {partial}dev utility "
                      f"{result['utility']:.4f}{decided_by(result)} against {candidate['utility']:.4f}")
     if result.get("rejected") or math.isnan(result["utility"]):
         lines.append(f"candidate_{i}: update rejected ({result.get('rejected') or 'utility is NaN'}); "
@@ -1255,11 +1256,13 @@ def count_dev_items(args, state, profile, evaluated):
 
 
 def decided_by(result):
-    """--early_reject: ' (decided by n of N dev items)', or ' (partial: ...)' when it stopped early."""
+    """--early_reject: on how many dev items a proposal was scored, and whether it was stopped early (its partial
+    utility is then the mean of the items its member and the population scored lowest: biased low)."""
     if "dev_items" not in result:
         return ""
     if result["rejected_early"]:
-        return f" on the first {result['dev_items']} dev items (rejected early: it cannot be kept)"
+        return (f" on the {result['dev_items']} dev items scored first, its member's weakest (rejected early: it "
+                f"cannot be kept)")
     return f" on all {result['dev_items']} dev items"
 
 

@@ -51,7 +51,8 @@ def test_exact_bound_never_rejects_a_proposal_that_a_full_evaluation_keeps(kind)
             proposal[rng.integers(n)] = high if trial % 2 else proposal[0]
         kept = bwr.accept(sum(member) / n, sum(proposal) / n, greedy=True)
         population = [member, scores(n), scores(n)]
-        end = looks_reject(list(proposal), list(member), population, high, low, 0.0, trial, kind != "continuous")
+        integer = kind in ("binary", "reliability")  # as EvalType.integer_scores: exact match, AbstainQA
+        end = looks_reject(list(proposal), list(member), population, high, low, 0.0, trial, integer)
         if end is not None:
             stopped += 1
             assert not kept, (trial, end)
@@ -85,6 +86,24 @@ def test_statistical_bound_wrongly_rejects_at_most_alpha():
     assert caught / len(seeds) > 0.5
     exact = sum(looks_reject(list(loser), member, [member], 1.0, 0.0, 0.0, s) is not None for s in range(200))
     assert exact / 200 < 0.25
+
+
+def test_statistical_bound_across_groups():
+    """A member in three groups (scores 0.25, 0.5, 0.75, 200 items each, in that order): a 0/1 proposal one item
+    above it is stopped on at most alpha of the shuffles; one at 0.35 is stopped inside the last group on most,
+    where exact mode could not stop it before all 600 items."""
+    rng = np.random.default_rng(4)
+    n, alpha = 600, 0.05
+    member = [0.25] * 200 + [0.5] * 200 + [0.75] * 200
+    winner, loser = np.zeros(n), np.zeros(n)
+    winner[rng.permutation(n)[:301]] = 1.0
+    loser[rng.permutation(n)[:210]] = 1.0
+    seeds = range(1000)
+    wrong = sum(looks_reject(list(winner), member, [member], 1.0, 0.0, alpha, s) is not None for s in seeds)
+    stops = [looks_reject(list(loser), member, [member], 1.0, 0.0, alpha, s) for s in seeds]
+    assert wrong / len(seeds) <= alpha
+    assert sum(stop == 450 for stop in stops) / len(seeds) > 0.5
+    assert all(looks_reject(list(loser), member, [member], 1.0, 0.0, 0.0, s) is None for s in range(100))
 
 
 def test_serfling_radius_covers_the_population_mean_at_its_level():
