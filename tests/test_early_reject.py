@@ -169,6 +169,22 @@ def test_early_rejection_search_ends_like_a_full_evaluation(full_run, tmp_path, 
     assert math.isclose(sum(state["candidates"][0]["dev_scores"]) / 100, state["candidates"][0]["utility"])
 
 
+@pytest.mark.parametrize("variant", [("--optimizer", "random"), ("--rule", "published_code", "-p", "4")],
+                         ids=["random", "published_rule"])
+def test_every_greedy_optimizer_ends_like_a_full_evaluation(tiny, data, tmp_path, variant):
+    """The other optimizers and rules that accept greedily (random search; BWR's published-code rule, whose sources
+    include global_best/ and global_worst/, -p 4: iteration 2 restarts): exact mode changes none of their bytes."""
+    args = [a for a in ARGS if a not in ("--reset_mode", "bounds")]  # a bwr setting of the seed README's rule
+    run_search(tmp_path / "full", *args, *variant)
+    run_search(tmp_path / "exact", *args, *variant, "--early_reject")
+    full, exact = only_dir(tmp_path / "full"), only_dir(tmp_path / "exact")
+    same_result(full, exact)
+    assert without_item_counts(os.path.join(exact, "final_metrics.json")) == \
+        without_item_counts(os.path.join(full, "final_metrics.json"))
+    metrics = json.load(open(os.path.join(exact, "final_metrics.json")))
+    assert 0 < metrics["dev_items_evaluated"] <= metrics["dev_items_full_evaluation"]
+
+
 def test_killed_part_way_through_a_proposals_chunks_then_resumed(full_run, tmp_path):
     """SIGKILL of the search while its worker is between two chunks of a proposal (BWR_CRASH_AT=chunk:N, counted
     in the worker), then --resume: the same bytes as the full run."""
