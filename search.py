@@ -1229,7 +1229,8 @@ def start_early_rejection(state, results, args):
 def early_rejection(args, state, i, threshold, restart=False):
     """The EarlyReject of member i's next task under --early_reject when it is greedy (a threshold), else None: its
     items ordered against the member's and the population's per-item dev scores, shuffled within their groups by a
-    seed of the proposal's own (the search's seed, the iteration, the member, whether a restart)."""
+    seed of the proposal's own (the search's seed, the last committed iteration, the member, whether a
+    restart)."""
     scores = state["candidates"][i].get("dev_scores") if state else None
     if args.early_reject is None or not scores or threshold is None:
         return None
