@@ -610,11 +610,6 @@ def score(model, tokenizer, eval_type, dataset, split, only_one_or_two=None, ite
     return scorer(model, tokenizer, data)
 
 
-def split_size(eval_type, dataset, split):
-    """How many items a split of an objective with a data file holds."""
-    return len(load_data(dataset, eval_type)[split])
-
-
 def scorer_of(eval_type):
     """The function of this module that eval_type's row names as its scorer."""
     if eval_type not in EVAL_TYPES:

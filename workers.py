@@ -184,14 +184,14 @@ class TaskRunner:
         tests/test_early_reject.py)."""
         import bwr
         n_items, order = len(early.member_scores), early.order
-        chunks, seconds, done = [], 0.0, 0
+        chunks, seen, seconds, done = [], [], 0.0, 0
         low, high = early.score_range
         stop_args = (early.member_scores, high, low, early.alpha, early.groups, early.integer_scores)
         for end in bwr.early_reject_chunks(*stop_args):
             _, details, spent = self._evaluate(model, split, items=list(order[done:end]))
             chunks.append((order[done:end], details))
+            seen += details["scores"]
             seconds, done = seconds + spent, end
-            seen = [score for _, d in chunks for score in d["scores"]]
             if end < n_items:
                 crash_point("chunk", driver=True)
             if bwr.cannot_win(seen, *stop_args):
@@ -325,8 +325,9 @@ def crash_point(name, driver=False):
 
 def _reassemble(chunks, n_items):
     """One split's details from its chunks' ([indices], details): per-item lists put back in the split's order,
-    counts and seconds summed, the utility the mean of the scores as score() computes it (every objective that
+    counts and seconds summed, the utility the mean of the scores by score()'s own function (every objective that
     --early_reject accepts has the mean of its per-item scores as utility)."""
+    import evaluate
     first = chunks[0][1]
     details = {}
     for key, value in first.items():
@@ -340,8 +341,7 @@ def _reassemble(chunks, n_items):
             details[key] = sum(chunk[key] for _, chunk in chunks)
         else:
             details[key] = value
-    scores = details["scores"]
-    details["utility"] = sum(scores) / len(scores) if scores else 0.0
+    details["utility"] = evaluate._mean(details["scores"])
     return details
 
 
