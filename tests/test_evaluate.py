@@ -177,6 +177,29 @@ def test_prefix_levels_only_where_sharing_pays(tiny):
     assert gen._prefix_levels(instructed, pad, shared=False)[0][0].shape[0] == len(instructed)
 
 
+def test_prefix_levels_rebuild_every_row_from_distinct_nodes():
+    """On random ragged rows (shared stems, rows that are prefixes of others, one-token rows): following each row's
+    parents down the levels gives back exactly its tokens, at positions 0 .. len - 1, every node of a level is a
+    distinct prefix, and the last level has one row per row, in the rows' order."""
+    rng = random.Random(7)
+    for trial in range(200):
+        stem = [rng.randrange(1, 6) for _ in range(rng.randrange(1, 12))]
+        rows = [tuple(stem[:rng.randrange(0, len(stem) + 1)] + [rng.randrange(1, 6) for _ in range(rng.randrange(1, 6))])
+                for _ in range(rng.randrange(2, 40))]
+        rows = list(dict.fromkeys(rows))
+        levels = gen._prefix_levels(rows, 0)
+        node_tokens = None  # the tokens each node of the previous level stands for
+        for input_ids, mask, positions, parents in levels:
+            tokens = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask)]
+            starts = [0] * len(tokens) if parents is None else [len(node_tokens[p]) for p in parents.tolist()]
+            for j, (new, start) in enumerate(zip(tokens, starts)):
+                assert positions[j][mask[j].bool()].tolist() == list(range(start, start + len(new)))
+            node_tokens = tokens if parents is None else [node_tokens[p] + new for p, new in
+                                                         zip(parents.tolist(), tokens)]
+            assert len(set(map(tuple, node_tokens))) == len(node_tokens), trial
+        assert [tuple(t) for t in node_tokens] == rows, trial
+
+
 def test_automatic_batch_size_is_bounded_by_memory_and_overridden(tiny, monkeypatch):
     """Without --batch_size a batch holds as many rows as a share of the free memory allows (all of them here);
     --batch_size overrides it; little free memory means smaller batches, never fewer than one row."""
