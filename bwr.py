@@ -39,7 +39,6 @@ This module is pure: no I/O, all randomness from the numpy Generator passed in (
 Generators seeded from it).
 """
 
-import itertools
 import math
 import numbers
 
@@ -328,13 +327,15 @@ def rejection_order(member_scores, population_scores, score_range, seed):
     n_items = len(member_scores)
     population_mean = np.mean(np.asarray(population_scores, dtype=float), axis=0)
 
-    def grade(x):
-        return int(round(GRADES * (float(x) - low) / (high - low)))
-    keys = [(grade(m), grade(p)) for m, p in zip(member_scores, population_mean)]
+    def grade(x):  # np.rint rounds half to even, as round() does
+        return np.rint(GRADES * (np.asarray(x, dtype=float) - low) / (high - low)).astype(np.int64)
+    member_grade, population_grade = grade(member_scores), grade(population_mean)
     shuffle = np.random.default_rng(seed).permutation(n_items)  # independent of every score
-    order = sorted(range(n_items), key=lambda i: (keys[i], shuffle[i]))
-    groups = [len(list(run)) for _, run in itertools.groupby(keys[i] for i in order)]
-    return order, groups
+    order = np.lexsort((shuffle, population_grade, member_grade))  # the driver builds one per proposal: numpy
+    keys = np.stack([member_grade[order], population_grade[order]], axis=1)
+    group_starts = np.flatnonzero(np.r_[True, (keys[1:] != keys[:-1]).any(axis=1)])
+    groups = np.diff(np.r_[group_starts, n_items])
+    return order.tolist(), groups.tolist()
 
 
 def serfling_radius(n, n_items, score_range, delta):
