@@ -2,14 +2,18 @@
 
     .venv/bin/python benchmarks/bench_early_reject.py                      # seeds 42 1 2 3 4, exact and ALPHA 0.01
     .venv/bin/python benchmarks/bench_early_reject.py --seeds 42 --alphas 0.01 0.05 -- --num_cpu_when_merging 1
+    .venv/bin/python benchmarks/bench_early_reject.py --repetitions 3   # wall times paired over 3 interleaved runs
     .venv/bin/python benchmarks/bench_early_reject.py --chunk_cost        # a full evaluation, chunked against one pass
 
-Per seed, one run without --early_reject and one per mode, each through search.py as a subprocess, one at a time.
-The table gives for each run: whether utility_scratchpad.json, global_best/'s weights and final_metrics.json (timings
-and item counts aside) are byte-identical to the full run's; the dev items its iterations scored against a full
-evaluation of every proposal (and the ratio, beside the most that any rule could save on that run: every kept
-proposal scored in full, every other one stopped at the first look); the mean and median wall seconds per iteration (from state.json's
-profile); and the ending test gain over the starting best with its paired SE. Extra search.py arguments go after --.
+Per seed, one run without --early_reject and one per mode, each through search.py as a subprocess, one at a time;
+--repetitions R runs them R times, interleaved (full, exact, ALPHA, full, ...), for the wall times of a shared
+machine. The table gives for each seed and mode: whether utility_scratchpad.json, global_best/'s weights and
+final_metrics.json (timings and item counts aside) are byte-identical to the full run's (in every repetition); the
+dev items its iterations scored against a full evaluation of every proposal (and the ratio, beside the most that any
+rule could save on that run: every kept proposal scored in full, every other one stopped at the first look); the
+mean and median wall seconds per iteration (from state.json's profile; the medians over the repetitions); and the
+ending test gain over the starting best with its paired SE. The last lines give each mode's speed-up per iteration,
+paired by seed and repetition. Extra search.py arguments go after --.
 
 --chunk_cost times, for each demo expert as the member (the population: all ten), a proposal scored in full in the
 member's rejection order (a new one for each of 7 repetitions, as each proposal of a search has its own), chunk by
@@ -69,16 +73,19 @@ def ceiling(result):
     return total / (kept * per_proposal + (total / per_proposal - kept) * per_proposal * 0.25)
 
 
-def row(seed, label, result, full):
-    m = result["metrics"]
+def row(seed, label, results, full):
+    """One table line for a seed and mode from its repetitions (the items and bytes are the same in every one)."""
+    m = results[0]["metrics"]
     items = m.get("dev_items_evaluated")
     total = m.get("dev_items_full_evaluation")
-    shown = (f"{items:>7d} / {total:<7d} {total / items:5.2f}x (at most {ceiling(result):.2f}x)" if items
+    shown = (f"{items:>7d} / {total:<7d} {total / items:5.2f}x (at most {ceiling(results[0]):.2f}x)" if items
              else f"{'(all)':>38s}")
     gain = f"{m['test_gain_over_starting_best']:+.4f} ± {m['test_gain_paired_se']:.4f}"
     diff = m["ending_best_single_test_accuracy"] - full["metrics"]["ending_best_single_test_accuracy"]
-    print(f"| {seed:>4} | {label:<11} | {'yes' if same_bytes(result, full) else 'no':>9} | {shown} | "
-          f"{result['wall_mean']:.3f} / {result['wall_median']:.3f} | {gain} | {diff:+.4f} |")
+    same = all(same_bytes(r, full) and r["metrics"].get("dev_items_evaluated") == items for r in results)
+    walls = (statistics.median(r["wall_mean"] for r in results), statistics.median(r["wall_median"] for r in results))
+    print(f"| {seed:>4} | {label:<11} | {'yes' if same else 'no':>9} | {shown} | "
+          f"{walls[0]:.3f} / {walls[1]:.3f} | {gain} | {diff:+.4f} |")
 
 
 def main():
@@ -86,34 +93,42 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2, 3, 4])
     p.add_argument("--alphas", type=float, nargs="+", default=[0.01], help="statistical modes to run")
     p.add_argument("extra", nargs="*", help="search.py arguments for every run (after --)")
+    p.add_argument("--repetitions", type=int, default=1, help="runs of each seed and mode, interleaved")
     p.add_argument("--chunk_cost", action="store_true", help="time a chunked full evaluation against one pass")
     a = p.parse_args()
     if a.chunk_cost:
         return chunk_cost()
     modes = [("exact", ["--early_reject"])] + [(f"alpha {x:g}", ["--early_reject", str(x)]) for x in a.alphas]
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, "
-          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'default')}, load {os.getloadavg()[0]:.2f}")
+          f"ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'default')}, load {os.getloadavg()[0]:.2f}, "
+          f"{a.repetitions} repetition(s)")
     print("| seed | mode        | same bytes | dev items scored / full, fewer (ceiling) | s per iteration mean / median | "
           "test gain ± paired SE | test vs full |")
     print("|---|---|---|---|---|---|---|")
     totals = {}
     with tempfile.TemporaryDirectory() as root:
         for seed in a.seeds:
-            full = run(root, f"full{seed}", seed, [], a.extra)
-            row(seed, "full", full, full)
-            for label, flags in modes:
-                result = run(root, f"{label.replace(' ', '')}{seed}", seed, flags, a.extra)
-                row(seed, label, result, full)
-                t = totals.setdefault(label, [0, 0, [], []])
-                t[0] += result["metrics"]["dev_items_evaluated"]
-                t[1] += result["metrics"]["dev_items_full_evaluation"]
-                t[2].append(result["wall_median"])  # a slow iteration of a busy machine moves a mean more
-                t[3].append(full["wall_median"])
-    for label, (items, total, walls, full_walls) in totals.items():
-        print(f"{label}: {total / items:.2f}x fewer dev items over {len(a.seeds)} seeds; "
-              f"{statistics.mean(full_walls) / statistics.mean(walls):.2f}x faster per iteration "
-              f"({statistics.mean(walls):.3f} s against {statistics.mean(full_walls):.3f} s: means over the seeds of "
-              f"each run's median iteration)")
+            runs = {"full": []} | {label: [] for label, _ in modes}
+            for rep in range(a.repetitions):
+                for label, flags in [("full", [])] + modes:
+                    runs[label].append(run(root, f"{label.replace(' ', '')}{seed}r{rep}", seed, flags, a.extra))
+            full = runs["full"][0]
+            row(seed, "full", runs["full"], full)
+            for label, _ in modes:
+                row(seed, label, runs[label], full)
+                t = totals.setdefault(label, {"items": 0, "total": 0, "ratios": [], "walls": [], "full_walls": []})
+                t["items"] += runs[label][0]["metrics"]["dev_items_evaluated"]
+                t["total"] += runs[label][0]["metrics"]["dev_items_full_evaluation"]
+                # a slow iteration of a busy machine moves a mean more than a median
+                t["ratios"] += [f["wall_median"] / r["wall_median"] for f, r in zip(runs["full"], runs[label])]
+                t["walls"].append(statistics.median(r["wall_median"] for r in runs[label]))
+                t["full_walls"].append(statistics.median(f["wall_median"] for f in runs["full"]))
+    for label, t in totals.items():
+        print(f"{label}: {t['total'] / t['items']:.2f}x fewer dev items over {len(a.seeds)} seeds; "
+              f"{statistics.median(t['ratios']):.2f}x faster per iteration (median of {len(t['ratios'])} ratios paired "
+              f"by seed and repetition, {min(t['ratios']):.2f}-{max(t['ratios']):.2f}x; "
+              f"{statistics.mean(t['walls']):.3f} s against {statistics.mean(t['full_walls']):.3f} s: means over the "
+              f"seeds of each run's median iteration)")
 
 
 def chunk_cost():
