@@ -325,6 +325,8 @@ def rejection_order(member_scores, population_scores, score_range, seed):
     population mean score) first, shuffled within a group by seed; groups gives the groups' sizes along the order."""
     low, high = score_range
     n_items = len(member_scores)
+    if n_items == 0:
+        return [], []
     population_mean = np.mean(np.asarray(population_scores, dtype=float), axis=0)
 
     def grade(x):  # np.rint rounds half to even, as round() does

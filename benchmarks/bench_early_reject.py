@@ -96,6 +96,8 @@ def main():
     p.add_argument("--repetitions", type=int, default=1, help="runs of each seed and mode, interleaved")
     p.add_argument("--chunk_cost", action="store_true", help="time a chunked full evaluation against one pass")
     a = p.parse_args()
+    if a.repetitions < 1:
+        p.error("--repetitions must be at least 1")
     if a.chunk_cost:
         return chunk_cost()
     modes = [("exact", ["--early_reject"])] + [(f"alpha {x:g}", ["--early_reject", str(x)]) for x in a.alphas]
@@ -128,7 +130,7 @@ def main():
               f"{statistics.median(t['ratios']):.2f}x faster per iteration (median of {len(t['ratios'])} ratios paired "
               f"by seed and repetition, {min(t['ratios']):.2f}-{max(t['ratios']):.2f}x; "
               f"{statistics.mean(t['walls']):.3f} s against {statistics.mean(t['full_walls']):.3f} s: means over the "
-              f"seeds of each run's median iteration)")
+              f"seeds of the median over repetitions of each run's median iteration)")
 
 
 def chunk_cost():
