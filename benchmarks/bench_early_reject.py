@@ -15,10 +15,10 @@ mean and median wall seconds per iteration (from state.json's profile; the media
 ending test gain over the starting best with its paired SE. The last lines give each mode's speed-up per iteration,
 paired by seed and repetition. Extra search.py arguments go after --.
 
---chunk_cost times, for each demo expert as the member (the population: all ten), a proposal scored in full in the
-member's rejection order (a new one for each of 7 repetitions, as each proposal of a search has its own), chunk by
-chunk at the looks that could stop one, against one pass over the dev set (medians of the 7, in this process, at the
-threads torch was given).
+--chunk_cost times, for each demo expert, the expert scored in full as a proposal through the worker's chunked path
+(TaskRunner._evaluate_until_rejected) against a member one item below it (so it is never stopped; the population:
+all ten), in a new rejection order for each of 7 repetitions (as each proposal of a search has its own), against one
+pass over the dev set (medians of the 7, in this process, at the threads torch was given).
 """
 
 import argparse
@@ -134,12 +134,12 @@ def main():
 
 
 def chunk_cost():
-    """Seconds of a full evaluation in chunks against one pass, per demo expert as the member (median of 7 each)."""
+    """Seconds of a full evaluation in chunks against one pass, per demo expert (median of 7 each)."""
     import torch
     sys.path.insert(0, REPO)
     import bwr
     import merge
-    from workers import TaskRunner
+    from workers import EarlyReject, TaskRunner
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     experts_dir = os.path.join(REPO, "initial_experts", "tiny", "experts")
     runner = TaskRunner("cpu", {"base_model": os.path.join(REPO, "initial_experts", "tiny", "base_model"),
@@ -153,14 +153,20 @@ def chunk_cost():
     print("| member | dev accuracy | chunks | one pass s | chunked s | ratio |")
     print("|---|---|---|---|---|---|")
     ratios = []
-    for k, (adapter, member) in enumerate(zip(experts, population)):
+    for k, (adapter, scores) in enumerate(zip(experts, population)):
+        # the expert is the proposal, against a member one item below it: never stopped, it is scored to the end
+        # through the worker's own chunked path, with the looks that a member of this expert's scores gets
+        member = list(scores)
+        member[member.index(1.0)] = 0.0
+
         def chunked(rep):
             """Chunks scored: each proposal of a search has its own order, so its chunks are new sets of rows."""
             order, groups = bwr.rejection_order(member, population, (0.0, 1.0), [42, 29, rep, k, 0])
-            ends = bwr.early_reject_chunks(member, 1.0, 0.0, 0.0, groups, integer=True)
-            for start, end in zip([0] + ends, ends):
-                runner._evaluate(adapter, "dev", items=order[start:end])
-            return len(ends)
+            early = EarlyReject(alpha=0.0, member_scores=tuple(member), score_range=(0.0, 1.0), order=tuple(order),
+                                groups=tuple(groups), integer_scores=True)
+            counts = runner._evaluate_until_rejected(adapter, "dev", early)[3]
+            assert counts == {"dev_items": len(member), "rejected_early": False}, counts
+            return len(bwr.early_reject_chunks(member, 1.0, 0.0, 0.0, groups, integer=True))
         one, parts = [], []
         for rep in range(7):
             start = time.perf_counter()
@@ -171,7 +177,7 @@ def chunk_cost():
             parts.append(time.perf_counter() - start)
         ratio = statistics.median(parts) / statistics.median(one)
         ratios.append(ratio)
-        print(f"| {k} | {statistics.mean(member):.3f} | {n_chunks} | {statistics.median(one):.4f} | "
+        print(f"| {k} | {statistics.mean(scores):.3f} | {n_chunks} | {statistics.median(one):.4f} | "
               f"{statistics.median(parts):.4f} | {ratio:.2f}x |")
     print(f"a full evaluation in chunks costs {statistics.median(ratios):.2f}x one pass (median over the experts)")
 

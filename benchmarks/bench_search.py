@@ -224,7 +224,8 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, d
           f"dev set and machine, {repetitions} interleaved repetitions; median (min-max) over repetitions of each "
           f"run's median iteration")
     ours_paths = ["ours"] + (["ours_early_reject"] if early_reject is not None else [])
-    paths = ours_paths + [f"published_{m}" for m in start_methods]
+    published_paths = [f"published_{m}" for m in start_methods]
+    paths = ours_paths + published_paths
     runs = {p: [] for p in paths}
     for r in range(repetitions):
         for p in paths[r % len(paths):] + paths[:r % len(paths)]:
@@ -262,7 +263,7 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, d
               f"{fmt([x['wall'] / x['evaluations'] for x in rows], 4):>22} "
               f"{fmt([100 * x['share'] for x in rows], 1, '%'):>16} {min(loads):5.1f}-{max(loads):.1f}")
     ours = runs["ours"]
-    for p in paths[len(ours_paths):]:
+    for p in published_paths:
         ratio = [pub["wall"] / our["wall"] for pub, our in zip(runs[p], ours)]
         per_evaluation = [(pub["wall"] / pub["evaluations"]) / (our["wall"] / our["evaluations"])
                           for pub, our in zip(runs[p], ours)]
@@ -277,7 +278,7 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, d
         keys = list(runs[p][0]["profile"])
         print(f"  {p:>17}: " + " ".join(f"{k} {fmt([x['profile'][k] for x in runs[p]], 3)}" for k in keys
                                         if k != "sleep_artefact"))
-    for p in paths[len(ours_paths):]:
+    for p in published_paths:
         print(f"  {p}: the published scorer's 0.2 s sleep per correct answer would add "
               f"{fmt([x['profile']['sleep_artefact'] for x in runs[p]], 1, ' s')} per iteration (not in the figures "
               f"above)")
@@ -292,7 +293,7 @@ def section_side_by_side(tmp, repetitions, iterations, threads, start_methods, d
           f"test set; of it, the worker's set-up left over, about "
           f"{fmt(first_use)}) {fmt([x['startup']['initial_evaluation'] for x in ours])}; total "
           f"{fmt([x['startup']['total'] for x in ours])}")
-    for p in paths[len(ours_paths):]:
+    for p in published_paths:
         rows = runs[p]
         print(f"  {p}: driver imports {fmt([x['startup']['imports'] for x in rows])}, initial evaluation pool "
               f"{fmt([x['startup']['initial_evaluation'] for x in rows])} (of which pool start "
