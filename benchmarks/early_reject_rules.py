@@ -143,9 +143,12 @@ def main():
         n_items = len(proposals[0]["member"])
         full, kept = n_items * len(proposals), sum(q["accepted"] for q in proposals)
         gaps = [statistics.mean(q["scores"]) - statistics.mean(q["member"]) for q in proposals if not q["accepted"]]
+        if not gaps:
+            sys.exit(f"early_reject_rules: seed {seed} rejected no proposal, there is nothing to replay")
         close = sum(g >= -0.01 for g in gaps) / len(gaps)
         ceiling = full / (kept * n_items + (len(proposals) - kept) * 0.25 * n_items)
         leaves = (full / 2 - kept * n_items) / (len(proposals) - kept)
+        leaves = f"{leaves:.0f} items" if leaves >= 0 else "none (over half kept)"
         cells = []
         for name, rule in rules.items():
             replays = [(rule(q), q["accepted"]) for q in proposals]
@@ -158,7 +161,7 @@ def main():
             cells.append(f"{full / items:.2f}x, {statistics.mean(c for (_, c), _ in replays):.2f}, "
                          f"{len(proposals) / passes:.2f}x" + (f" ({wrong} wrong)" if wrong else ""))
         print(f"| {seed} | {kept} / {len(proposals)} | {-statistics.median(gaps):.3f} below ({close:.0%}) | "
-              f"{ceiling:.2f}x | {leaves:.0f} items | " + " | ".join(cells) + " |")
+              f"{ceiling:.2f}x | {leaves} | " + " | ".join(cells) + " |")
     print(f"over the seeds (fewer items, time at --chunk_overhead {a.chunk_overhead:g}): "
           + "; ".join(f"{name} {t[1] / t[0]:.2f}x, {t[1] / n_items / t[2]:.2f}x" for name, t in totals.items()))
 
