@@ -9,16 +9,17 @@ and the population's. Every rule is then replayed on every proposal (a replay ch
 the same proposals; a statistical rule that would have stopped a proposal the full evaluation keeps is counted as a
 wrong stop). Printed per seed: the kept proposals; how far the losing ones end below their member; the most that
 stopping at the first look could save, and how few items per losing proposal 2x fewer would leave; and for each
-rule the dev items it scores against a full evaluation of every proposal, the chunks it runs per proposal, and the
-time that would take against full evaluations if a proposal cost its share of the items plus --chunk_overhead of a
-pass for each chunk after its first (0.10 measured at two threads on the tiny model, about 0.04 at one thread:
-bench_early_reject.py --chunk_cost, docs/early_reject.md). The rules:
+rule (each cell) the dev items it scores against a full evaluation of every proposal ("fewer"), the chunks it runs
+per proposal, and the modelled time against full evaluations, a proposal costing its share of the items plus
+--chunk_overhead of a pass for each chunk after its first (0.10 measured at two threads on the tiny model, about 0.04
+at one thread: bench_early_reject.py --chunk_cost, docs/early_reject.md). The rules:
 
-    as run, exact / ALPHA  bwr.early_reject_chunks and bwr.cannot_win: --early_reject as it is (looks at 25, 50, 75%)
-    looks every 10% / 5%   the same exact rule, looked at more often
-    uniform + hypergeom.   the textbook sequential test: items in one uniformly shuffled order, the paired difference
-                           bounded per member score (0 or 1) by exact hypergeometric tails at level ALPHA / 6 each
-                           (two strata, three looks), plus the exact rule; whole-number 0/1 scores only
+    as run, exact / ALPHA    bwr.early_reject_chunks and bwr.cannot_win: --early_reject as it is (looks at 25, 50, 75%)
+    looks every 10% / 5%     the same exact rule, looked at more often
+    stratified + hypergeom.  the textbook paired test: the items the member misses and those it gets right, each
+                             in its own uniform order, the same share of each at a look (25, 50, 75%); the fixes
+                             and the breaks bounded by exact hypergeometric tails at level ALPHA / 6 each (two
+                             strata, three looks), plus the exact rule; 0/1 scores only
 """
 
 import argparse
@@ -32,38 +33,45 @@ import tempfile
 
 import numpy as np
 
+from bench_early_reject import DEMO
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-DEMO = ["-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", "initial_experts/tiny/experts",
-        "-b", "initial_experts/tiny/base_model", "-p", "6", "-m", "15", "--step_length", "1.0",
-        "--reset_mode", "bounds", "--scoring", "strict", "--early_reject"]
+# before search imports transformers and wandb, which read them at import
+os.environ.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+import bwr  # noqa: E402
+import search  # noqa: E402
 
 
 def record_proposals(seed, root):
     """Every greedy proposal of a demo search: {"scores", "member", "population", "seed", "accepted"}. The search
     runs with --early_reject, so members keep their per-item dev scores, but each task is built without its
     EarlyReject (a full evaluation, which returns every item's score); the results are taken where the driver
-    counts an iteration's dev items. Decisions are those of a full run."""
-    import search
+    counts an iteration's dev items, in the order their tasks were built. Decisions are those of a full run."""
     pending, proposals = [], []
     build, count = search.early_rejection, search.count_dev_items
 
     def full_evaluation(args, state, i, threshold, restart=False):
-        if build(args, state, i, threshold, restart) is not None:
-            pending.append({"member": state["candidates"][i]["dev_scores"],
-                            "population": [c["dev_scores"] for c in state["candidates"]],
-                            "seed": [seed, 29, state["iteration"], i, int(restart)]})
+        if state is None:  # the initial population, scored before there is a state; no iteration counts it
+            return None
+        greedy = build(args, state, i, threshold, restart) is not None  # what --early_reject would score in chunks
+        pending.append({"member": state["candidates"][i]["dev_scores"],
+                        "population": [c["dev_scores"] for c in state["candidates"]],
+                        "seed": [seed, 29, state["iteration"], i, int(restart)]} if greedy else None)
         return None
 
     def take_results(args, state, profile, evaluated):
-        assert len(evaluated) == len(pending), "a proposal without its record"
+        assert len(evaluated) == len(pending), "a result without its task"
         for record, result in zip(pending, evaluated):
-            proposals.append({**record, "scores": result["details"]["scores"], "accepted": result["accepted"]})
+            if record is not None and "rejected" not in result:  # a non-finite merge is never scored
+                proposals.append({**record, "scores": result["details"]["scores"], "accepted": result["accepted"]})
         pending.clear()
     search.early_rejection, search.count_dev_items = full_evaluation, take_results
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            rc = search.main(["-n", f"rules{seed}", "--output_root", root, "--seed", str(seed), *DEMO])
+            rc = search.main(["-n", f"rules{seed}", "--output_root", root, "--seed", str(seed), *DEMO,
+                              "--early_reject"])
     finally:
         search.early_rejection, search.count_dev_items = build, count
     if rc != 0:
@@ -73,7 +81,6 @@ def record_proposals(seed, root):
 
 def as_run(p, alpha, looks):
     """(items scored, chunks) under bwr's rule, with these looks."""
-    import bwr
     order, groups = bwr.rejection_order(p["member"], p["population"], (0.0, 1.0), p["seed"])
     s = np.asarray(p["scores"])[order]
     ends = bwr.early_reject_chunks(p["member"], 1.0, 0.0, alpha, groups, True, looks)
@@ -92,20 +99,21 @@ def log_hypergeom_pmf(k, total, successes, draws):
 
 def fewest_successes(total, draws, seen, delta):
     """The fewest successes among total items consistent, at level delta, with seen successes in a uniform sample
-    of draws of them: the smallest K with P(X >= seen | K) > delta (X hypergeometric)."""
-    for successes in range(seen, total - (draws - seen) + 1):
-        tail = sum(math.exp(log_hypergeom_pmf(k, total, successes, draws))
+    of draws of them: the smallest K with P(X >= seen | K) > delta (X hypergeometric). The largest K possible
+    leaves total - K < draws - seen failures, so its tail is 1: there is always one."""
+    def tail(successes):
+        return sum(math.exp(log_hypergeom_pmf(k, total, successes, draws))
                    for k in range(seen, min(draws, successes) + 1))
-        if tail > delta:
-            return successes
-    return total - (draws - seen)
+    return next(k for k in range(seen, total - (draws - seen) + 1) if tail(k) > delta)
 
 
-def uniform_hypergeometric(p, alpha, looks=(0.25, 0.5, 0.75)):
-    """The paired test in a uniform order: kept iff fixes (items the member misses, the proposal gets) outnumber
-    breaks (the reverse). At each look, stop if the most fixes and the fewest breaks consistent with the sample
-    (each at level alpha / (2 * looks)) leave fixes <= breaks, or if the exact rule stops it."""
+def stratified_hypergeometric(p, alpha, looks=(0.25, 0.5, 0.75)):
+    """The paired test for 0/1 scores: kept iff fixes (items the member misses, the proposal gets) outnumber breaks
+    (the reverse). Each stratum (member 0, member 1) in its own uniform order, the same share of each at a look;
+    stop if the most fixes and the fewest breaks consistent with the samples (each at level alpha / (2 * looks))
+    leave fixes <= breaks, or if the exact rule stops it."""
     m, s = np.asarray(p["member"]), np.asarray(p["scores"])
+    assert set(m.tolist()) | set(s.tolist()) <= {0.0, 1.0}, "the stratified test is for 0/1 scores"
     rng = np.random.default_rng(p["seed"])
     missed, right = rng.permutation(np.flatnonzero(m == 0)), rng.permutation(np.flatnonzero(m == 1))
     delta = alpha / (2 * len(looks))
@@ -126,44 +134,46 @@ def main():
     p.add_argument("--alpha", type=float, default=0.01, help="the statistical rules' level")
     p.add_argument("--chunk_overhead", type=float, default=0.10, help="an extra chunk's cost, as a share of a pass")
     a = p.parse_args()
-    os.environ.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     os.chdir(REPO)
     rules = {"as run, exact": lambda q: as_run(q, 0.0, (0.25, 0.5, 0.75)),
              f"as run, ALPHA {a.alpha:g}": lambda q: as_run(q, a.alpha, (0.25, 0.5, 0.75)),
              "looks every 10%": lambda q: as_run(q, 0.0, tuple(np.arange(1, 10) / 10)),
              "looks every 5%": lambda q: as_run(q, 0.0, tuple(np.arange(1, 20) / 20)),
-             f"uniform + hypergeom. {a.alpha:g}": lambda q: uniform_hypergeometric(q, a.alpha)}
-    print("| seed | kept / proposals | losers' gap, median (within 1 point) | first-look ceiling | 2x leaves a loser "
-          "| " + " | ".join(f"{name}: fewer, chunks, time" for name in rules) + " |")
+             f"stratified + hypergeometric, {a.alpha:g}": lambda q: stratified_hypergeometric(q, a.alpha)}
+    print("| seed | kept / proposals | losers below their member, median (within 1 point) | first-look ceiling | "
+          "2x leaves a loser | " + " | ".join(rules) + " |")
     print("|---" * (5 + len(rules)) + "|")
-    totals = {name: [0, 0, 0.0] for name in rules}
+    items, passes, full_items, n_proposals = dict.fromkeys(rules, 0), dict.fromkeys(rules, 0.0), 0, 0
     for seed in a.seeds:
         with tempfile.TemporaryDirectory() as root:
             proposals = record_proposals(seed, root)
         n_items = len(proposals[0]["member"])
-        full, kept = n_items * len(proposals), sum(q["accepted"] for q in proposals)
-        gaps = [statistics.mean(q["scores"]) - statistics.mean(q["member"]) for q in proposals if not q["accepted"]]
-        if not gaps:
+        full, kept, losers = n_items * len(proposals), sum(q["accepted"] for q in proposals), len(proposals)
+        losers -= kept
+        if not losers:
             sys.exit(f"early_reject_rules: seed {seed} rejected no proposal, there is nothing to replay")
-        close = sum(g >= -0.01 for g in gaps) / len(gaps)
-        ceiling = full / (kept * n_items + (len(proposals) - kept) * 0.25 * n_items)
-        leaves = (full / 2 - kept * n_items) / (len(proposals) - kept)
-        leaves = f"{leaves:.0f} items" if leaves >= 0 else "none (over half kept)"
+        # whole items below the member (the scores are 0/1, their sums exact)
+        behind = [round(sum(q["member"]) - sum(q["scores"])) for q in proposals if not q["accepted"]]
+        close = sum(b <= n_items // 100 for b in behind) / losers
+        ceiling = full / (kept * n_items + losers * 0.25 * n_items)
+        per_loser = (full / 2 - kept * n_items) / losers
+        leaves = f"{per_loser:.0f} items" if per_loser >= 0 else "none (over half kept)"
         cells = []
         for name, rule in rules.items():
             replays = [(rule(q), q["accepted"]) for q in proposals]
-            items = sum(n for (n, _), _ in replays)
+            scored = sum(n for (n, _), _ in replays)
             wrong = sum(n < n_items and accepted for (n, _), accepted in replays)
-            passes = sum(n / n_items + a.chunk_overhead * (chunks - 1) for (n, chunks), _ in replays)
-            totals[name][0] += items
-            totals[name][1] += full
-            totals[name][2] += passes
-            cells.append(f"{full / items:.2f}x, {statistics.mean(c for (_, c), _ in replays):.2f}, "
-                         f"{len(proposals) / passes:.2f}x" + (f" ({wrong} wrong)" if wrong else ""))
-        print(f"| {seed} | {kept} / {len(proposals)} | {-statistics.median(gaps):.3f} below ({close:.0%}) | "
+            cost = sum(n / n_items + a.chunk_overhead * (chunks - 1) for (n, chunks), _ in replays)
+            items[name] += scored
+            passes[name] += cost
+            cells.append(f"{full / scored:.2f}x, {statistics.mean(c for (_, c), _ in replays):.2f}, "
+                         f"{len(proposals) / cost:.2f}x" + (f" ({wrong} wrong)" if wrong else ""))
+        full_items += full
+        n_proposals += len(proposals)
+        print(f"| {seed} | {kept} / {len(proposals)} | {statistics.median(behind) / n_items:.3f} ({close:.0%}) | "
               f"{ceiling:.2f}x | {leaves} | " + " | ".join(cells) + " |")
-    print(f"over the seeds (fewer items, time at --chunk_overhead {a.chunk_overhead:g}): "
-          + "; ".join(f"{name} {t[1] / t[0]:.2f}x, {t[1] / n_items / t[2]:.2f}x" for name, t in totals.items()))
+    print(f"over the seeds (fewer items, modelled time at --chunk_overhead {a.chunk_overhead:g}): "
+          + "; ".join(f"{name} {full_items / items[name]:.2f}x, {n_proposals / passes[name]:.2f}x" for name in rules))
 
 
 if __name__ == "__main__":

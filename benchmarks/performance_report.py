@@ -116,8 +116,9 @@ def render(results, args, started, ended):
               "| `.venv/bin/python benchmarks/bench_tiny.py` | verifying and rebuilding the tiny population |",
               "| `.venv/bin/python benchmarks/bench_early_reject.py` | `--early_reject` beside full runs over 5 seeds: "
               "same bytes, dev items saved, iteration time; `--chunk_cost`: a chunked full evaluation |",
-              "| `.venv/bin/python benchmarks/early_reject_rules.py` | other early-rejection rules (more looks, a uniform "
-              "order with hypergeometric tests) replayed on every proposal of 5 full demo runs: items, chunks |",
+              "| `.venv/bin/python benchmarks/early_reject_rules.py` | other early-rejection rules (more looks, a "
+              "stratified order with hypergeometric tests) replayed on every proposal of 5 full demo runs: items, "
+              "chunks |",
               "| `.venv/bin/python benchmarks/bench_gpu.py` | a Gemma-7B-shaped iteration on one GPU (prefill, decode, "
               "roofline); not yet run on a GPU |", ""]
     return "\n".join(lines)
