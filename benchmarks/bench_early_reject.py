@@ -31,6 +31,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import bwr  # noqa: E402  (pure: numpy only)
+
 DEMO = ["-e", "exact_match", "-d", "tiny_demo", "-g", "cpu", "-i", "initial_experts/tiny/experts",
         "-b", "initial_experts/tiny/base_model", "-p", "6", "-m", "15", "--step_length", "1.0",
         "--reset_mode", "bounds", "--scoring", "strict"]
@@ -65,12 +68,13 @@ def same_bytes(a, b):
 
 def ceiling(result):
     """The most items any rule could save on this run: every kept proposal scored in full (they always are), every
-    other one stopped at the first look (25% of the items)."""
+    other one stopped at the first look (bwr.EARLY_REJECT_LOOKS[0], 25% of the items)."""
     log = open(os.path.join(result["dir"], "log.txt")).read()
     kept = log.count(": proposal kept,") + log.count(": restarted (stray)")
     total = result["metrics"]["dev_items_full_evaluation"]
     per_proposal = total // (kept + log.count(": proposal not kept,") + log.count(", not above its"))
-    return total / (kept * per_proposal + (total / per_proposal - kept) * per_proposal * 0.25)
+    first_look = bwr.EARLY_REJECT_LOOKS[0]
+    return total / (kept * per_proposal + (total / per_proposal - kept) * per_proposal * first_look)
 
 
 def row(seed, label, results, full):
@@ -136,8 +140,6 @@ def main():
 def chunk_cost():
     """Seconds of a full evaluation in chunks against one pass, per demo expert (median of 7 each)."""
     import torch
-    sys.path.insert(0, REPO)
-    import bwr
     import merge
     from workers import EarlyReject, TaskRunner
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

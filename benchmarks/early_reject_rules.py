@@ -107,7 +107,7 @@ def fewest_successes(total, draws, seen, delta):
     return next(k for k in range(seen, total - (draws - seen) + 1) if tail(k) > delta)
 
 
-def stratified_hypergeometric(p, alpha, looks=(0.25, 0.5, 0.75)):
+def stratified_hypergeometric(p, alpha, looks=bwr.EARLY_REJECT_LOOKS):
     """The paired test for 0/1 scores: kept iff fixes (items the member misses, the proposal gets) outnumber breaks
     (the reverse). Each stratum (member 0, member 1) in its own uniform order, the same share of each at a look;
     stop if the most fixes and the fewest breaks consistent with the samples (each at level alpha / (2 * looks))
@@ -135,8 +135,8 @@ def main():
     p.add_argument("--chunk_overhead", type=float, default=0.10, help="an extra chunk's cost, as a share of a pass")
     a = p.parse_args()
     os.chdir(REPO)
-    rules = {"as run, exact": lambda q: as_run(q, 0.0, (0.25, 0.5, 0.75)),
-             f"as run, ALPHA {a.alpha:g}": lambda q: as_run(q, a.alpha, (0.25, 0.5, 0.75)),
+    rules = {"as run, exact": lambda q: as_run(q, 0.0, bwr.EARLY_REJECT_LOOKS),
+             f"as run, ALPHA {a.alpha:g}": lambda q: as_run(q, a.alpha, bwr.EARLY_REJECT_LOOKS),
              "looks every 10%": lambda q: as_run(q, 0.0, tuple(np.arange(1, 10) / 10)),
              "looks every 5%": lambda q: as_run(q, 0.0, tuple(np.arange(1, 20) / 20)),
              f"stratified + hypergeometric, {a.alpha:g}": lambda q: stratified_hypergeometric(q, a.alpha)}
@@ -155,7 +155,7 @@ def main():
         # whole items below the member (the scores are 0/1, their sums exact)
         behind = [round(sum(q["member"]) - sum(q["scores"])) for q in proposals if not q["accepted"]]
         close = sum(b <= n_items // 100 for b in behind) / losers
-        ceiling = full / (kept * n_items + losers * 0.25 * n_items)
+        ceiling = full / (kept * n_items + losers * bwr.EARLY_REJECT_LOOKS[0] * n_items)
         per_loser = (full / 2 - kept * n_items) / losers
         leaves = f"{per_loser:.0f} items" if per_loser >= 0 else "none (over half kept)"
         cells = []
